@@ -1,0 +1,202 @@
+"""The one table of rules between PyTorch state dicts and Flax params.
+
+Flax modules in sdjax are named after the PyTorch attributes, so a tensor's place in the params tree
+follows from its PyTorch key by two generic rules:
+
+* path: a list index joins the segment before it (`down_blocks.0.resnets.1` <-> `down_blocks_0/resnets_1`);
+* leaf: the PyTorch leaf name and tensor rank decide the Flax leaf and the layout change (`LEAF_RULES`).
+
+Each model adds only a few key renames of its own (old attention names, the text encoder's
+`text_model.` prefix), applied to the PyTorch key before these rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# Real PyTorch attribute names that end in _<digits> (not list indices); they stay as they are on save.
+LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
+
+
+def torch_key_to_path(module_key: str) -> tuple[str, ...]:
+    """'down_blocks.0.resnets.1.conv1' -> ('down_blocks_0', 'resnets_1', 'conv1')."""
+    path: list[str] = []
+    for part in module_key.split("."):
+        if part.isdigit() and path:
+            path[-1] = f"{path[-1]}_{part}"
+        else:
+            path.append(part)
+    return tuple(path)
+
+
+def path_to_torch_key(path: tuple[str, ...]) -> str:
+    """('down_blocks_0', 'resnets_1', 'conv1') -> 'down_blocks.0.resnets.1.conv1'."""
+    parts = []
+    for seg in path:
+        m = re.fullmatch(r"(.+?)_(\d+)", seg)
+        parts.append(f"{m[1]}.{m[2]}" if m and seg not in LITERAL_NAMES else seg)
+    return ".".join(parts)
+
+
+@dataclass(frozen=True)
+class LeafRule:
+    torch_leaf: str
+    flax_leaf: str
+    flax_ndim: int | None  # rank of the Flax leaf this rule applies to (None: any)
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+    what: str
+
+
+def _identity(x):
+    return x
+
+
+def _linear_to_flax(w):
+    # A Linear stored as a 1x1 conv [O, I, 1, 1] (very old VAE attention checkpoints) is squeezed first.
+    if w.ndim == 4 and w.shape[2:] == (1, 1):
+        w = w[:, :, 0, 0]
+    return w.T
+
+
+LEAF_RULES: tuple[LeafRule, ...] = (
+    LeafRule("weight", "kernel", 4, lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1),
+             "conv: OIHW <-> HWIO"),
+    LeafRule("weight", "kernel", 2, _linear_to_flax, lambda k: k.T, "linear: [out, in] <-> [in, out]"),
+    LeafRule("weight", "scale", 1, _identity, _identity, "norm: weight <-> scale"),
+    LeafRule("weight", "embedding", 2, _identity, _identity, "embedding: weight <-> embedding"),
+    LeafRule("bias", "bias", None, _identity, _identity, "bias"),
+)
+
+
+def _rules_for_torch_leaf(leaf: str):
+    return [r for r in LEAF_RULES if r.torch_leaf == leaf]
+
+
+def _rule_for_flax_leaf(leaf: str, ndim: int) -> LeafRule:
+    for r in LEAF_RULES:
+        if r.flax_leaf == leaf and (r.flax_ndim is None or r.flax_ndim == ndim):
+            return r
+    raise KeyError(f"no conversion rule for Flax leaf {leaf!r} of rank {ndim}")
+
+
+def rename_key(key: str, renames) -> str:
+    for pattern, repl in renames:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def flat_params(tree, prefix=()) -> dict[tuple[str, ...], object]:
+    """Nested dict -> {path: leaf}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            out.update(flat_params(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: dict[tuple[str, ...], object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+@dataclass
+class ConversionReport:
+    missing: list[str]       # expected params (as PyTorch keys) that no tensor filled
+    unexpected: list[str]    # tensors in the file that no param takes
+    mismatched: list[tuple[str, tuple, tuple]]  # (key, shape in file, shape expected, PyTorch layout)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def torch_to_flax(state_dict: dict[str, np.ndarray], expected: dict, renames=(), ignored=()):
+    """Convert a PyTorch-named state dict into a Flax params tree shaped like `expected`.
+
+    expected: params tree of shapes (e.g. from `jax.eval_shape(model.init_weights, key)`).
+    renames: (regex, replacement) pairs applied to every key first; ignored: regexes of keys to drop.
+    Returns (params, report); the caller decides how strict to be.
+    """
+    want = flat_params(expected)
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched, seen = [], [], set()
+    for raw_key, tensor in state_dict.items():
+        key = rename_key(raw_key, renames)
+        if any(re.search(p, key) for p in ignored):
+            continue
+        module_key, _, leaf = key.rpartition(".")
+        module_path = torch_key_to_path(module_key)
+        for rule in _rules_for_torch_leaf(leaf):
+            path = module_path + (rule.flax_leaf,)
+            target = want.get(path)
+            if target is None or (rule.flax_ndim is not None and len(target.shape) != rule.flax_ndim):
+                continue
+            seen.add(path)
+            value = rule.to_flax(np.asarray(tensor))
+            if tuple(value.shape) != tuple(target.shape):
+                expected_torch = tuple(rule.to_torch(np.empty(target.shape, dtype=np.uint8)).shape)
+                mismatched.append((raw_key, tuple(np.shape(tensor)), expected_torch))
+            else:
+                params[path] = value
+            break
+        else:
+            unexpected.append(raw_key)
+    missing = [_display_key(p, want[p]) for p in want if p not in seen]
+    return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), mismatched)
+
+
+def _display_key(path, target) -> str:
+    rule = _rule_for_flax_leaf(path[-1], len(target.shape))
+    return f"{path_to_torch_key(path[:-1])}.{rule.torch_leaf}"
+
+
+def flax_to_torch(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """Flax params tree -> PyTorch-named state dict in PyTorch layouts (the inverse of `torch_to_flax`)."""
+    out = {}
+    for path, value in flat_params(params).items():
+        value = np.asarray(value)
+        rule = _rule_for_flax_leaf(path[-1], value.ndim)
+        out[f"{prefix}{path_to_torch_key(path[:-1])}.{rule.torch_leaf}"] = np.ascontiguousarray(rule.to_torch(value))
+    return out
+
+
+def flax_tree_to_torch_named(tree: dict) -> dict[str, np.ndarray]:
+    """A legacy Flax params tree (old diffusers-Flax / transformers-Flax msgpack) keyed like a PyTorch state dict,
+    without layout changes: leaves keep their Flax names ('kernel', 'scale', ...)."""
+    out = {}
+    for path, value in flat_params(tree).items():
+        out[path_to_torch_key(path)] = np.asarray(value)
+    return out
+
+
+def legacy_flax_to_flax(tree: dict, expected: dict, renames=(), ignored=()):
+    """Legacy Flax msgpack params -> our params tree, via the same path rules and model renames."""
+    want = flat_params(expected)
+    params, unexpected, mismatched = {}, [], []
+    for raw_key, value in flax_tree_to_torch_named(tree).items():
+        key = rename_key(raw_key, renames)
+        if any(re.search(p, key) for p in ignored):
+            continue
+        module_key, _, leaf = key.rpartition(".")
+        path = torch_key_to_path(module_key) + (leaf,)
+        target = want.get(path)
+        if target is None:
+            unexpected.append(raw_key)
+        elif tuple(value.shape) != tuple(target.shape):
+            mismatched.append((raw_key, tuple(value.shape), tuple(target.shape)))
+        else:
+            params[path] = value
+    missing = [path_to_torch_key(p) for p in want if p not in params]
+    return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), mismatched)

@@ -1,0 +1,288 @@
+"""`FlaxModelMixin`: config.json + weights <-> (Flax module, params), the way diffusers' Flax models worked.
+
+    unet, params = UNet2DConditionModel.from_pretrained("path/or/repo", subfolder="unet", dtype=jnp.bfloat16)
+    unet.save_pretrained("out/unet", params)   # diffusers' PyTorch from_pretrained loads this
+
+A model class is a Flax module whose dataclass fields are its config keys. It declares:
+  _config_supported  {key: allowed values} for options sdjax does not implement (others are refused)
+  _key_renames       (regex, replacement) applied to PyTorch keys before the generic rules (sdjax.convert)
+  _ignored_keys      regexes of PyTorch keys that are buffers, not parameters
+  _save_prefix       prefix for keys on save (the text encoder's "text_model.")
+  _config_format     "diffusers" or "transformers" (what config.json and the weights file are called)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import convert
+from ..errors import ConfigError, WeightsError
+from ..hub import resolve_folder
+
+logger = logging.getLogger(__name__)
+
+# Keys every diffusers/transformers config carries that say nothing about the architecture.
+BOOKKEEPING_KEYS = frozenset({
+    "_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "architectures",
+    "model_type", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_attn_implementation_autoset",
+    "return_dict", "output_hidden_states", "output_attentions", "use_return_dict", "id2label", "label2id",
+    "chunk_size_feed_forward", "is_encoder_decoder", "tie_word_embeddings", "problem_type",
+})
+
+DIFFUSERS_VERSION = "0.35.0"  # written into saved configs: the format version we produce
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+MAX_LISTED = 20
+
+
+class FlaxModelMixin:
+    _config_supported: ClassVar[dict[str, tuple]] = {}
+    _key_renames: ClassVar[tuple] = ()
+    _ignored_keys: ClassVar[tuple] = ()
+    _save_prefix: ClassVar[str] = ""
+    _config_format: ClassVar[str] = "diffusers"
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def config_fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name", "dtype")}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], dtype=jnp.float32, source: str | None = None):
+        """Build the module from a config dict. Unsupported values raise ConfigError naming the key."""
+        where = f" in {source}" if source else ""
+        fields = cls.config_fields()
+        kwargs = {}
+        for key, value in config.items():
+            if key in cls._config_supported:
+                allowed = cls._config_supported[key]
+                if _normalize(value) not in [_normalize(a) for a in allowed]:
+                    raise ConfigError(
+                        f"{cls.__name__}: config key {key!r} = {value!r}{where} is not supported "
+                        f"(supported: {', '.join(repr(a) for a in allowed)})"
+                    )
+            if key in fields:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+            elif key not in cls._config_supported and key not in BOOKKEEPING_KEYS:
+                logger.debug("%s: ignoring config key %r%s", cls.__name__, key, where)
+        return cls(**kwargs, dtype=dtype)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.config_fields()}
+
+    def to_json_config(self) -> dict[str, Any]:
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}
+        if self._config_format == "transformers":
+            return {"architectures": [type(self).__name__], **cfg}
+        return {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION, **cfg}
+
+    # ------------------------------------------------------------------ params
+    def dummy_inputs(self) -> tuple:
+        raise NotImplementedError
+
+    def init_weights(self, rng) -> dict:
+        return self.init(rng, *self.dummy_inputs())["params"]
+
+    def param_shapes(self) -> dict:
+        """The params tree as shapes, without allocating or computing anything."""
+        return jax.eval_shape(self.init_weights, jax.random.PRNGKey(0))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, dtype=jnp.float32,
+                        param_dtype=None, allow_pickle: bool = False, variant: str | None = None,
+                        revision: str | None = None):
+        """Load (module, params) from a diffusers/transformers folder or hub repo id.
+
+        dtype: compute dtype. param_dtype: dtype of the returned params (default: dtype).
+        allow_pickle: also read pickled `.bin` weights (with torch.load(weights_only=True)); off by default.
+        """
+        folder = resolve_folder(pretrained_model_name_or_path, subfolder)
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise WeightsError(f"no config.json in {folder} (has: {_listing(folder)})")
+        config = read_json(config_path)
+        model = cls.from_config(config, dtype=dtype, source=str(config_path))
+        params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant)
+        param_dtype = dtype if param_dtype is None else param_dtype
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
+        return model, params
+
+    def load_params(self, folder: Path, allow_pickle: bool = False, variant: str | None = None) -> dict:
+        """Read the weights in `folder` into a params tree for this module (strict)."""
+        expected = self.param_shapes()
+        kind, files = find_weights(folder, allow_pickle=allow_pickle, variant=variant)
+        if kind == "msgpack":
+            tree = _read_msgpack(files[0])
+            params, report = convert.legacy_flax_to_flax(tree, expected, self._key_renames, self._ignored_keys)
+        else:
+            state = {}
+            for f in files:
+                state.update(read_safetensors(f) if kind == "safetensors" else _read_pickle(f))
+            params, report = convert.torch_to_flax(state, expected, self._key_renames, self._ignored_keys)
+        if not report.ok:
+            raise WeightsError(_mismatch_message(type(self).__name__, files, report, n_expected=len(convert.flat_params(expected))))
+        return params
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory, params, safe_serialization: bool = True) -> None:
+        """Write config.json + safetensors in PyTorch names and layouts (loadable by diffusers/transformers)."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        tensors = convert.flax_to_torch(jax.device_get(params), prefix=self._save_prefix)
+        weights_name = "model.safetensors" if self._config_format == "transformers" else "diffusion_pytorch_model.safetensors"
+        write_safetensors(save_directory / weights_name, tensors)
+        write_json(save_directory / "config.json", self.to_json_config())
+
+
+# ---------------------------------------------------------------------- files
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from None
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False).encode() + b"\n"))
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    from safetensors.numpy import save
+
+    # bfloat16 leaves: safetensors' numpy writer knows ml_dtypes' bfloat16 only through flax; go via jnp.
+    if any(t.dtype == jnp.bfloat16 for t in tensors.values()):
+        from safetensors.flax import save as save_flax
+
+        data = save_flax({k: jnp.asarray(v) for k, v in tensors.items()}, metadata={"format": "pt", **(metadata or {})})
+    else:
+        data = save(tensors, metadata={"format": "pt", **(metadata or {})})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="flax") as f:
+            for k in f.keys():
+                out[k] = np.asarray(f.get_tensor(k))
+        return out
+    except Exception as e:
+        raise WeightsError(f"cannot read safetensors file {path}: {type(e).__name__}: {e} "
+                           "(truncated or corrupt download? delete it and fetch it again)") from None
+
+
+def find_weights(folder: Path, allow_pickle: bool = False, variant: str | None = None):
+    """Pick the weights file(s) in a folder: ('safetensors'|'msgpack'|'pickle', [paths])."""
+    folder = Path(folder)
+    v = f".{variant}" if variant else ""
+    for base in ("diffusion_pytorch_model", "model"):
+        single = folder / f"{base}{v}.safetensors"
+        if single.is_file():
+            return "safetensors", [single]
+        index = folder / f"{base}{v}.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise WeightsError(f"{index} has no 'weight_map' dict")
+            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise WeightsError(f"{index} lists shards that are not in {folder}: {missing}")
+            return "safetensors", shards
+    for name in ("diffusion_flax_model.msgpack", "flax_model.msgpack"):
+        if (folder / name).is_file():
+            return "msgpack", [folder / name]
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        if not allow_pickle:
+            raise WeightsError(
+                f"{folder} has only pickled weights ({', '.join(p.name for p in pickles)}). Pickle files can run "
+                "arbitrary code when loaded, so sdjax refuses them by default. If you trust this file, pass "
+                "allow_pickle=True (it is then read with torch.load(weights_only=True), which needs torch), "
+                "or convert it to safetensors."
+            )
+        return "pickle", pickles[:1] if len(pickles) == 1 else [p for p in pickles if "index" not in p.name]
+    raise WeightsError(f"no weights found in {folder}: expected diffusion_pytorch_model.safetensors, "
+                       f"model.safetensors, a sharded *.safetensors.index.json, or a Flax *.msgpack "
+                       f"(has: {_listing(folder)})")
+
+
+def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"reading pickled weights {path} needs torch (pip install torch), "
+                           "or convert the file to safetensors") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()
+            if hasattr(v, "numpy")}
+
+
+def _read_msgpack(path: Path) -> dict:
+    from flax.serialization import msgpack_restore
+
+    try:
+        tree = msgpack_restore(Path(path).read_bytes())
+    except Exception as e:
+        raise WeightsError(f"cannot read Flax msgpack {path}: {type(e).__name__}: {e}") from None
+    return tree.get("params", tree) if isinstance(tree, dict) else tree
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name for p in Path(folder).iterdir())
+    return ", ".join(names) if names else "nothing"
+
+
+def _normalize(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _mismatch_message(cls_name, files, report, n_expected) -> str:
+    def listed(items):
+        items = list(items)
+        more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+        return "".join(f"\n    {x}" for x in items[:MAX_LISTED]) + more
+
+    src = ", ".join(str(f) for f in files)
+    lines = [f"weights in {src} do not match {cls_name}:"]
+    if len(report.missing) == n_expected:
+        lines.append("  NONE of the model's parameters were found in the file: it was saved for another "
+                     "architecture or with a key layout sdjax does not know. Refusing to continue with random weights.")
+    if report.mismatched:
+        lines.append(f"  {len(report.mismatched)} with the wrong shape (name: in file vs expected, PyTorch layout):"
+                     + listed(f"{k}: {a} vs {b}" for k, a, b in report.mismatched))
+    if report.missing:
+        lines.append(f"  {len(report.missing)} missing (the model needs them, the file lacks them):" + listed(report.missing))
+    if report.unexpected:
+        lines.append(f"  {len(report.unexpected)} unexpected (in the file, not used by the model):" + listed(report.unexpected))
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Convolutional blocks shared by the UNet and the VAE (NHWC): ResnetBlock2D, Downsample2D, Upsample2D.
+
+Submodule names are diffusers' PyTorch names, so weight conversion is a table of generic rules.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+
+def group_norm(num_groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
+    # use_fast_variance=False: E[(x-mean)^2], as torch computes it, not E[x^2]-mean^2.
+    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: int | None = None) -> nn.Conv:
+    pad = kernel // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   dtype=dtype, name=name)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm -> SiLU -> conv -> (+ time embedding) -> GroupNorm -> SiLU -> conv, plus the skip."""
+
+    in_channels: int
+    out_channels: int | None = None
+    temb_channels: int | None = 1280  # None: no time embedding (the VAE)
+    groups: int = 32
+    eps: float = 1e-6
+    output_scale_factor: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):
+        out_channels = self.out_channels or self.in_channels
+        h = group_norm(self.groups, self.eps, self.dtype, "norm1")(x)
+        h = nn.silu(h)
+        h = conv(out_channels, 3, self.dtype, "conv1")(h)
+        if self.temb_channels is not None:
+            t = nn.Dense(out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = group_norm(self.groups, self.eps, self.dtype, "norm2")(h)
+        h = nn.silu(h)
+        h = conv(out_channels, 3, self.dtype, "conv2")(h)
+        if self.in_channels != out_channels:
+            x = conv(out_channels, 1, self.dtype, "conv_shortcut")(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. padding=1 in the UNet; padding=0 in the VAE, which pads (0, 1) on H and W first."""
+
+    out_channels: int
+    padding: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.out_channels, 3, self.dtype, "conv", stride=2, padding=self.padding)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
+    out_channels: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.out_channels, 3, self.dtype, "conv")(x)

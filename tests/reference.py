@@ -1,0 +1,21 @@
+"""Helpers for comparing sdjax against the PyTorch reference (test-only; imports torch lazily)."""
+
+import numpy as np
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the error relative to the output's scale."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def perturb_(torch_model, seed: int = 0, scale: float = 0.05):
+    """Move every parameter away from its init (norm scales off 1, biases off 0) so that a wrong
+    mapping cannot hide behind symmetric or constant initial values."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return torch_model
