@@ -14,7 +14,7 @@ from .errors import SdjaxError
 SAFE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.msgpack", "*.model")
 
 
-def _looks_like_repo_id(name: str) -> bool:
+def looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
     return (
         len(parts) == 2
@@ -30,7 +30,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = N
     name = os.fspath(path_or_repo_id)
     if os.path.isdir(name):
         root = Path(name)
-    elif _looks_like_repo_id(name):
+    elif looks_like_repo_id(name):
         root = _download(name, subfolder, allow_patterns, revision)
     else:
         raise SdjaxError(f"model folder not found: {name!r} (neither a local directory nor a hub repo id 'owner/name')")
