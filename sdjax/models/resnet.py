@@ -66,12 +66,23 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv.
+
+    output_size (H, W): resize to that size instead of 2x. The UNet passes it when the latent size is not a
+    multiple of 2**num_upsamplers (e.g. 65 -> 33 on the way down, so 33 -> 65 on the way up), as diffusers'
+    `F.interpolate(size=...)` does; nearest picks source index floor(i * in / out).
+    """
 
     out_channels: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x, output_size=None):
+        h, w = x.shape[1:3]
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            out_h, out_w = output_size
+            x = x[:, (jnp.arange(out_h) * h) // out_h]
+            x = x[:, :, (jnp.arange(out_w) * w) // out_w]
         return conv(self.out_channels, 3, self.dtype, "conv")(x)

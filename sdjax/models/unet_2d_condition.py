@@ -1,0 +1,257 @@
+"""diffusers' `UNet2DConditionModel` (SD 1.x / 2.x and any smaller config of the same family) in Flax Linen.
+
+    unet, params = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    eps = unet.apply({"params": params}, latents_nchw, t, text_embeddings)
+
+Inputs and output are NCHW like diffusers; the network runs in NHWC (what XLA's convolutions want).
+Cross-attention maps: `unet.apply(..., mutable=["attention_probs"])` returns (eps, {"attention_probs": ...}).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ..errors import ConfigError
+from .embeddings import TimestepEmbedding, get_timestep_embedding
+from .modeling_utils import FlaxModelMixin
+from .resnet import conv, group_norm
+from .unet_2d_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
+                             UpBlock2D)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _per_block(value, n: int, key: str) -> tuple:
+    """An int (or bool) for every block, or one value per block."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != n:
+            raise ConfigError(f"UNet2DConditionModel: config key {key!r} = {value!r} needs one value per block ({n})")
+        return tuple(value)
+    return (value,) * n
+
+
+class UNet2DConditionModel(nn.Module, FlaxModelMixin):
+    # Field names and defaults are diffusers' config keys (UNet2DConditionModel.__init__).
+    sample_size: Any = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: Any = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: Any = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: Any = 1280
+    transformer_layers_per_block: Any = 1
+    reverse_transformer_layers_per_block: Any = None
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: Any = 8
+    num_attention_heads: Any = None
+    dual_cross_attention: bool = False
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    resnet_skip_time_act: bool = False  # only read by block types sdjax does not have
+    resnet_out_scale_factor: float = 1.0  # idem
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    time_cond_proj_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    projection_class_embeddings_input_dim: int | None = None  # only read with class_embed_type="projection"
+    attention_type: str = "default"
+    class_embeddings_concat: bool = False
+    mid_block_only_cross_attention: bool | None = None
+    cross_attention_norm: str | None = None
+    addition_embed_type_num_heads: int = 64  # only read with addition_embed_type="text"
+    dtype: jnp.dtype = jnp.float32
+
+    # Options whose non-default values (SDXL's add embeddings, class labels, GLIGEN, ...) are not implemented.
+    # Checked by FlaxModelMixin.from_config and again on construction (_check_config).
+    _config_supported: ClassVar[dict] = {
+        "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
+        "act_fn": ("silu", "swish"),
+        "dual_cross_attention": (False,),
+        "reverse_transformer_layers_per_block": (None,),
+        "encoder_hid_dim": (None,),
+        "encoder_hid_dim_type": (None,),
+        "class_embed_type": (None,),
+        "addition_embed_type": (None,),
+        "num_class_embeds": (None,),
+        "resnet_time_scale_shift": ("default",),
+        "time_embedding_type": ("positional",),
+        "time_embedding_act_fn": (None,),
+        "timestep_post_act": (None,),
+        "time_cond_proj_dim": (None,),
+        "attention_type": ("default",),
+        "class_embeddings_concat": (False,),
+        "mid_block_only_cross_attention": (None, False),
+        "cross_attention_norm": (None,),
+    }
+
+    # Legacy diffusers Flax checkpoints (diffusion_flax_model.msgpack) name the attention projections
+    # query/key/value/proj_attn; everything else already has the PyTorch names.
+    _key_renames: ClassVar[tuple] = (
+        (r"\.(attn[12])\.query\.", r".\1.to_q."),
+        (r"\.(attn[12])\.key\.", r".\1.to_k."),
+        (r"\.(attn[12])\.value\.", r".\1.to_v."),
+        (r"\.(attn[12])\.proj_attn\.", r".\1.to_out.0."),
+    )
+
+    def __post_init__(self):
+        # Lists (a JSON config, or a caller) become tuples: module fields must be hashable.
+        for f in self.config_fields():
+            value = getattr(self, f)
+            if isinstance(value, list):
+                object.__setattr__(self, f, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+        super().__post_init__()
+        self._check_config()
+
+    def _check_config(self):
+        def refuse(key, value, supported):
+            raise ConfigError(f"UNet2DConditionModel: config key {key!r} = {value!r} is not supported "
+                              f"(supported: {supported})")
+
+        for key, allowed in self._config_supported.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                refuse(key, value, ", ".join(repr(a) for a in allowed))
+        n = len(self.block_out_channels)
+        for key, types in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            value = tuple(getattr(self, key))
+            if len(value) != n:
+                raise ConfigError(f"UNet2DConditionModel: config key {key!r} = {value!r} needs one entry "
+                                  f"per block_out_channels ({n})")
+            for t in value:
+                if t not in types:
+                    refuse(key, value, f"tuples of {', '.join(types)}")
+        if any(_per_block(self.only_cross_attention, n, "only_cross_attention")):
+            refuse("only_cross_attention", self.only_cross_attention, "False")
+        if self.norm_num_groups is None:
+            refuse("norm_num_groups", None, "an int")
+        for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim", "transformer_layers_per_block"):
+            for v in _per_block(getattr(self, key), n, key):
+                if not isinstance(v, int):  # e.g. SDXL-style nested transformer_layers_per_block
+                    refuse(key, getattr(self, key), "an int or one int per block")
+        if len(set(self._cross_dims())) != 1:  # one encoder_hidden_states feeds every block's attn2
+            refuse("cross_attention_dim", self.cross_attention_dim, "one value for all blocks")
+        if self.num_attention_heads is not None:
+            _per_block(self.num_attention_heads, n, "num_attention_heads")
+
+    # ------------------------------------------------------------------ config, resolved per block
+    def _heads(self) -> tuple:
+        # diffusers' naming quirk: without num_attention_heads, `attention_head_dim` is the head *count*.
+        return _per_block(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels),
+                          "num_attention_heads")
+
+    def _cross_dims(self) -> tuple:
+        return _per_block(self.cross_attention_dim, len(self.block_out_channels), "cross_attention_dim")
+
+    def dummy_inputs(self) -> tuple:
+        """Smallest inputs that reach every layer (one downsample per level): for `init` / eval_shape."""
+        size = 2 ** (len(self.block_out_channels) - 1)
+        sample = jnp.zeros((1, self.in_channels, size, size), jnp.float32)
+        timesteps = jnp.zeros((1,), jnp.int32)
+        encoder_hidden_states = jnp.zeros((1, 1, self._cross_dims()[0]), jnp.float32)
+        return sample, timesteps, encoder_hidden_states
+
+    # ------------------------------------------------------------------ forward
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False):
+        """sample [B, C, H, W], timesteps scalar or [B] (int or float), encoder_hidden_states [B, L, D]
+        -> noise prediction [B, out_channels, H, W] in sample's dtype."""
+        if train and self.dropout > 0:
+            raise NotImplementedError("UNet2DConditionModel: dropout > 0 in training is not implemented")
+        n = len(self.block_out_channels)
+        boc = self.block_out_channels
+        heads, cross_dims = self._heads(), self._cross_dims()
+        layers = _per_block(self.layers_per_block, n, "layers_per_block")
+        tlayers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        out_dtype = sample.dtype
+
+        # 1. time: sinusoids in float32, then the MLP.
+        timesteps = jnp.asarray(timesteps)
+        timesteps = jnp.broadcast_to(timesteps.reshape(-1) if timesteps.ndim else timesteps, (sample.shape[0],))
+        t_emb = get_timestep_embedding(timesteps, boc[0], self.flip_sin_to_cos, self.freq_shift)
+        time_embed_dim = self.time_embedding_dim or boc[0] * 4
+        emb = TimestepEmbedding(time_embed_dim, dtype=self.dtype, name="time_embedding")(t_emb)
+
+        # 2. pre-process
+        x = jnp.transpose(sample, (0, 2, 3, 1))  # NCHW -> NHWC
+        if self.center_input_sample:
+            x = 2 * x - 1.0
+        x = conv(boc[0], self.conv_in_kernel, self.dtype, "conv_in", padding=(self.conv_in_kernel - 1) // 2)(x)
+        context = encoder_hidden_states
+
+        # 3. down: every resnet/attention output and every downsample is a skip for the up path.
+        skips = [x]
+        for i, block_type in enumerate(self.down_block_types):
+            common = dict(in_channels=boc[max(i - 1, 0)], out_channels=boc[i], temb_channels=time_embed_dim,
+                          num_layers=layers[i], resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups,
+                          add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
+                          dtype=self.dtype, name=f"down_blocks_{i}")
+            if block_type == "CrossAttnDownBlock2D":
+                x, block_skips = CrossAttnDownBlock2D(
+                    **common, transformer_layers_per_block=tlayers[i], num_attention_heads=heads[i],
+                    cross_attention_dim=cross_dims[i], use_linear_projection=self.use_linear_projection,
+                    upcast_attention=self.upcast_attention)(x, emb, context)
+            else:
+                x, block_skips = DownBlock2D(**common)(x, emb)
+            skips += block_skips
+
+        # 4. mid
+        if self.mid_block_type is not None:
+            x = UNetMidBlock2DCrossAttn(
+                boc[-1], time_embed_dim, transformer_layers_per_block=tlayers[-1], resnet_eps=self.norm_eps,
+                resnet_groups=self.norm_num_groups, num_attention_heads=heads[-1],
+                output_scale_factor=self.mid_block_scale_factor, cross_attention_dim=cross_dims[-1],
+                use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                dtype=self.dtype, name="mid_block")(x, emb, context)
+
+        # 5. up, widths reversed. Each up block has one more resnet than its down block (it also eats the
+        # downsample's skip). Upsampling targets the size of the next skip, so odd latent sizes work.
+        rboc, rheads, rcross = boc[::-1], heads[::-1], cross_dims[::-1]
+        rlayers, rtlayers = layers[::-1], tlayers[::-1]
+        for i, block_type in enumerate(self.up_block_types):
+            num_layers = rlayers[i] + 1
+            block_skips, skips = skips[-num_layers:], skips[:-num_layers]
+            is_final = i == n - 1
+            upsample_size = None if is_final else skips[-1].shape[1:3]
+            common = dict(in_channels=rboc[min(i + 1, n - 1)], prev_output_channel=rboc[max(i - 1, 0)],
+                          out_channels=rboc[i], temb_channels=time_embed_dim, num_layers=num_layers,
+                          resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups, add_upsample=not is_final,
+                          dtype=self.dtype, name=f"up_blocks_{i}")
+            if block_type == "CrossAttnUpBlock2D":
+                x = CrossAttnUpBlock2D(
+                    **common, transformer_layers_per_block=rtlayers[i], num_attention_heads=rheads[i],
+                    cross_attention_dim=rcross[i], use_linear_projection=self.use_linear_projection,
+                    upcast_attention=self.upcast_attention)(x, block_skips, emb, context, upsample_size)
+            else:
+                x = UpBlock2D(**common)(x, block_skips, emb, upsample_size)
+
+        # 6. post-process
+        x = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(x)
+        x = nn.silu(x)
+        x = conv(self.out_channels, self.conv_out_kernel, self.dtype, "conv_out",
+                 padding=(self.conv_out_kernel - 1) // 2)(x)
+        return jnp.transpose(x, (0, 3, 1, 2)).astype(out_dtype)  # NHWC -> NCHW
