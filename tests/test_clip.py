@@ -14,6 +14,7 @@ from sdjax.errors import ConfigError, SdjaxError, WeightsError
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.tokenizer import load_tokenizer
 from tests.reference import perturb_, rel_err
+from tests.tiny_pipeline import write_tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -254,45 +255,11 @@ def test_unsupported_config_values():
 # ---------------------------------------------------------------------- tokenizer
 
 
-def bytes_to_unicode():
-    """GPT-2/CLIP's byte -> printable unicode table (the BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 WORDS = ["a", "photo", "of", "cat", "dog", "the", "astronaut", "riding", "horse", "on", "mars"]
 
 
 def write_vocab_merges(folder):
-    """A tiny CLIP BPE in the hub layout: byte alphabet (+ '</w>' forms), whole-word merges for WORDS."""
-    chars = list(bytes_to_unicode().values())
-    vocab, merges = chars + [c + "</w>" for c in chars], []
-    for w in WORDS:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merge, tok = f"{parts[0]} {parts[1]}", parts[0] + parts[1]
-            if merge not in merges:
-                merges.append(merge)
-            if tok not in vocab:
-                vocab.append(tok)
-            parts = [tok] + parts[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # what SD 1.5's tokenizer/ also carries
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>"}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}))
-    return {t: i for i, t in enumerate(vocab)}
+    return write_tiny_tokenizer(folder, WORDS)
 
 
 PROMPTS = ["a photo of a cat", "An astronaut riding a horse on Mars, 🐴!", "", "the dog " * 60]

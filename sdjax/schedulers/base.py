@@ -21,17 +21,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import ConfigError  # an SdjaxError and a ValueError
+
 F32 = np.float32
 
 
-class ConfigError(ValueError):
-    """An unsupported or malformed scheduler configuration value (names the key and what is supported)."""
 
 
 class SchedulerConfig(Mapping):
@@ -346,6 +348,16 @@ class Scheduler:
         keys = ("num_train_timesteps", "beta_schedule", "prediction_type", "timestep_spacing")
         body = ", ".join(f"{k}={self.config[k]!r}" for k in keys if k in self.config)
         return f"{type(self).__name__}(name={self.name!r}, {body})"
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write ``scheduler_config.json`` (diffusers' format) into ``save_directory``."""
+        from ..models.modeling_utils import write_json
+
+        os.makedirs(save_directory, exist_ok=True)
+        cfg = {k: v for k, v in self.config.to_dict().items() if k != "_use_default_values"}
+        cfg["_class_name"] = self.diffusers_class
+        cfg.setdefault("_diffusers_version", "0.35.0")
+        write_json(Path(save_directory) / "scheduler_config.json", cfg)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Mapping
 
+from ..errors import SdjaxError
 from .base import ConfigError, Scheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
@@ -146,7 +147,7 @@ def load_scheduler_config(folder_or_repo: str | os.PathLike, subfolder: str | No
         for c in candidates:
             if os.path.isfile(c):
                 return _read_json(c)
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r} (looked for: {', '.join(candidates)})")
+        raise SdjaxError(f"no {CONFIG_NAME} in {path!r} (looked for: {', '.join(candidates)})")
     # a hub repo id
     try:
         from huggingface_hub import hf_hub_download
@@ -154,9 +155,9 @@ def load_scheduler_config(folder_or_repo: str | os.PathLike, subfolder: str | No
         file = hf_hub_download(repo_id=path, filename=CONFIG_NAME, subfolder=subfolder or None)
     except Exception as e:  # noqa: BLE001 - report any hub failure as the missing file
         where = f"{path}/{subfolder}/{CONFIG_NAME}" if subfolder else f"{path}/{CONFIG_NAME}"
-        raise FileNotFoundError(
+        raise SdjaxError(
             f"could not get {where}: {path!r} is not a local folder and the hub download failed ({e})"
-        ) from e
+        ) from None
     return _read_json(file)
 
 
