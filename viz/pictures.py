@@ -1,0 +1,66 @@
+"""All pictures of one trajectory batch into a folder: grid, animation, convergence (+ JSON), attention."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sdjax.models.modeling_utils import write_json
+
+from .animate import write_animation
+from .attention import render_attention, select_words
+from .completion import ddim_completions
+from .convergence import convergence_numbers, render_convergence
+from .grid import render_grid
+from .run import choose_steps, decode
+
+
+def decode_chunk(height: int, width: int) -> int:
+    """Frames per decoder call: 32 for toy-sized images, a few for 512x512 (bounded activation memory)."""
+    return int(np.clip(2**20 // (height * width), 1, 32))
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
+def render(pipe, params, data, out_dir, *, columns: int = 8, completion_steps: int = 4,
+           tokens: list[str] | None = None, title: str | None = None, note=_note) -> dict:
+    """Write grid.png, completions.gif (+ .mp4), convergence.png, convergence.json and, when the data
+    holds attention maps, attention.png. Returns {name: path}."""
+    out_dir = Path(out_dir)
+    words = select_words(pipe.tokenizer, data.prompts, tokens) if data.attention_maps is not None else None
+    steps, clamp = choose_steps(data.num_steps, columns)
+    if clamp:
+        note(clamp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    h, w = int(data.settings.get("height", 0) or 0), int(data.settings.get("width", 0) or 0)
+    chunk = decode_chunk(h or pipe.default_size, w or pipe.default_size)
+    frames = decode(pipe, params["vae"], data, chunk_size=chunk)
+    completions = completion_images = None
+    if completion_steps:
+        completions = ddim_completions(pipe, params, data, steps, completion_steps)
+        completion_images = pipe.decode_frames(params["vae"], completions, chunk_size=chunk, progress=False)
+
+    files = {}
+    desc = f"{data.settings.get('scheduler')}, {data.settings.get('steps', data.num_steps)} steps"
+    if data.settings.get("steps", data.num_steps) != data.num_steps:  # PLMS, Heun: more calls than steps
+        desc += f" = {data.num_steps} model calls"
+    desc += f", guidance {data.settings.get('guidance_scale')}"
+    files["grid"] = out_dir / "grid.png"
+    render_grid(files["grid"], data, frames, steps, completion_images, completion_steps,
+                title=title or rf"One-step completions $\hat{{x}}_0$ of each step  ({desc})")
+    for i, path in enumerate(write_animation(out_dir / "completions.gif", data, frames)):
+        files["animation" if i == 0 else "video"] = Path(path)
+    numbers = convergence_numbers(data, frames, steps, completions, completion_images, completion_steps)
+    files["convergence_json"] = out_dir / "convergence.json"
+    write_json(files["convergence_json"], numbers)
+    files["convergence"] = out_dir / "convergence.png"
+    render_convergence(files["convergence"], numbers)
+    if words is not None:
+        files["attention"] = out_dir / "attention.png"
+        render_attention(files["attention"], data, frames, steps, words,
+                         title=f"Cross-attention to each word over the one-step completions  ({desc})")
+    return files
