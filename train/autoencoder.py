@@ -1,0 +1,260 @@
+"""Stage 1: a KL-regularised autoencoder (sdjax's AutoencoderKL), as in Latent Diffusion (Rombach et al.).
+
+    python -m train.autoencoder --config configs/shapes_autoencoder.py --workdir runs/ae
+
+Loss: L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) (both per image element, see `losses`),
+plus, when disc_start is set, a hinge-loss patch discriminator switched on after disc_start steps.
+The downsampling factor f = 2 ** (number of blocks - 1). After training, the latents' scaling factor
+(1 / std of the latents over training images, as the paper does) is written into the VAE's config
+and the VAE is saved in diffusers format to <workdir>/vae. Killed, the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sdjax.models.autoencoder_kl import AutoencoderKL
+
+from . import data as data_lib
+from . import parallel
+from .checkpointing import Checkpointer, check_or_write_config
+from .config import load_config, to_jsonable
+from .metrics import MetricsLog, plot_losses
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Config:
+    dataset: str = "shapes"
+    image_size: int = 32
+    num_train_images: int | None = 12000
+    num_eval_images: int = 256
+    data_seed: int = 0
+    # AutoencoderKL config keys; f = 2 ** (len(block_out_channels) - 1)
+    vae: dict = dataclasses.field(default_factory=lambda: dict(
+        block_out_channels=[16, 32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=8))
+    seed: int = 0
+    batch_size: int = 32
+    num_steps: int = 1000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    kl_weight: float = 1e-6
+    disc_start: int | None = None  # None: no discriminator
+    disc_weight: float = 0.1
+    disc_learning_rate: float = 2e-4
+    scale_images: int = 2048  # training images encoded to measure the latents' std
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 20
+
+
+def make_vae(cfg: Config, scaling_factor: float = 1.0) -> AutoencoderKL:
+    n = len(cfg.vae["block_out_channels"])
+    vae_cfg = dict(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                   sample_size=cfg.image_size, scaling_factor=scaling_factor) | dict(cfg.vae)
+    return AutoencoderKL.from_config(vae_cfg)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al.), as the paper's autoencoder uses: a logit per overlapping patch."""
+
+    channels: tuple = (32, 64)
+
+    @nn.compact
+    def __call__(self, x_nchw):
+        x = jnp.transpose(x_nchw, (0, 2, 3, 1))
+        for i, c in enumerate(self.channels):
+            x = nn.Conv(c, (4, 4), strides=2, padding=1)(x)
+            if i:
+                x = nn.GroupNorm(num_groups=8)(x)
+            x = nn.leaky_relu(x, 0.2)
+        return nn.Conv(1, (3, 3), padding=1)(x)
+
+
+def make_optimizer(lr, warmup, total, weight_decay):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total, warmup + 1), lr * 0.1)
+    return optax.adamw(schedule, b2=0.999, weight_decay=weight_decay)
+
+
+def create_train_state(cfg: Config, vae: AutoencoderKL):
+    key = jax.random.PRNGKey(cfg.seed)
+    params = vae.init_weights(key)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": make_optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.num_steps, cfg.weight_decay).init(params)}
+    if cfg.disc_start is not None:
+        disc = PatchDiscriminator()
+        dparams = disc.init(jax.random.fold_in(key, 1), jnp.zeros((1, 3, cfg.image_size, cfg.image_size)))["params"]
+        state["disc_params"] = dparams
+        state["disc_opt_state"] = optax.adam(cfg.disc_learning_rate, b1=0.5).init(dparams)
+    return state
+
+
+def losses(vae, params, images, key):
+    """(L1 per image element, KL per image element, reconstructions)."""
+    posterior = vae.apply({"params": params}, images, method=vae.encode)
+    recon = vae.apply({"params": params}, posterior.sample(key), method=vae.decode)
+    l1 = jnp.mean(jnp.abs(recon - images))
+    kl = jnp.mean(posterior.kl()) / np.prod(images.shape[1:])
+    return l1, kl, recon
+
+
+def train_step(cfg: Config, vae: AutoencoderKL, state, images, key):
+    tx = make_optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.num_steps, cfg.weight_decay)
+    use_disc = cfg.disc_start is not None
+    disc = PatchDiscriminator() if use_disc else None
+    disc_on = (state["step"] >= (cfg.disc_start or 0)).astype(jnp.float32) if use_disc else 0.0
+
+    def loss_fn(params):
+        l1, kl, recon = losses(vae, params, images, key)
+        loss = l1 + cfg.kl_weight * kl
+        g_loss = jnp.zeros(())
+        if use_disc:
+            g_loss = -jnp.mean(disc.apply({"params": state["disc_params"]}, recon))
+            loss = loss + disc_on * cfg.disc_weight * g_loss
+        return loss, (l1, kl, g_loss, recon)
+
+    (loss, (l1, kl, g_loss, recon)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates), opt_state=opt_state)
+    metrics = {"loss": loss, "l1": l1, "kl": kl}
+    if use_disc:
+        recon = jax.lax.stop_gradient(recon)
+
+        def d_loss_fn(dp):
+            real = disc.apply({"params": dp}, images)
+            fake = disc.apply({"params": dp}, recon)
+            return 0.5 * (jnp.mean(nn.relu(1.0 - real)) + jnp.mean(nn.relu(1.0 + fake)))
+
+        d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state["disc_params"])
+        d_updates, d_opt = optax.adam(cfg.disc_learning_rate, b1=0.5).update(d_grads, state["disc_opt_state"])
+        d_updates = jax.tree_util.tree_map(lambda u: u * disc_on, d_updates)
+        new["disc_params"] = optax.apply_updates(state["disc_params"], d_updates)
+        new["disc_opt_state"] = d_opt
+        metrics |= {"g_loss": g_loss, "d_loss": d_loss}
+    return new, metrics
+
+
+_STEP_CACHE: dict = {}
+
+
+def compiled_step(cfg: Config, vae, mesh):
+    """The jitted train step, shared by runs with the same config (a resumed run in the same process
+    does not compile again)."""
+    key = (json.dumps(to_jsonable(cfg), sort_keys=True), mesh.devices.shape)
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = jax.jit(functools.partial(train_step, cfg, vae), donate_argnums=0,
+                                   out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+    return _STEP_CACHE[key]
+
+
+def psnr(vae, params, images_uint8, batch_size: int = 64) -> float:
+    """Mean PSNR (dB, images in [0, 1]) of the posterior-mode reconstructions."""
+    recon_fn = jax.jit(lambda p, x: vae.apply({"params": p}, x))
+    vals = []
+    for i in range(0, len(images_uint8), batch_size):
+        x = data_lib.to_model_input(images_uint8[i:i + batch_size])
+        r = np.clip(np.asarray(recon_fn(params, x)), -1, 1)
+        mse = np.mean(((r - x) / 2) ** 2, axis=(1, 2, 3))
+        vals.append(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))
+    return float(np.mean(np.concatenate(vals)))
+
+
+def latent_std(vae, params, images_uint8, seed: int, batch_size: int = 128) -> float:
+    """Std of posterior samples over all latent elements (the paper's scaling factor is its inverse)."""
+    fn = jax.jit(lambda p, x, k: vae.apply({"params": p}, x, method=vae.encode).sample(k))
+    zs = [np.asarray(fn(params, data_lib.to_model_input(images_uint8[i:i + batch_size]),
+                        jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+          for i in range(0, len(images_uint8), batch_size)]
+    return float(np.std(np.concatenate(zs)))
+
+
+def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,
+                       final_save: bool = True) -> dict:
+    """Train (resuming from workdir's last checkpoint), then write vae/ and summary.json.
+
+    until_step: stop there (checkpointed unless final_save=False, which simulates a kill); rerun to go on."""
+    from tqdm.auto import tqdm
+
+    workdir = Path(workdir)
+    check_or_write_config(workdir, to_jsonable(cfg))
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(cfg.batch_size, mesh)
+    train_ds, eval_ds = data_lib.train_and_eval(cfg.dataset, cfg.num_train_images, cfg.num_eval_images,
+                                                cfg.image_size, cfg.data_seed)
+    vae = make_vae(cfg)
+    ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
+    abstract = jax.eval_shape(lambda: create_train_state(cfg, vae))
+    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), abstract)
+    start = ckpt.latest_step()
+    if start is None:
+        state, start = parallel.replicate(create_train_state(cfg, vae), mesh), 0
+    else:
+        state = ckpt.restore(abstract, start)
+        logger.info("resumed from step %d", start)
+    log = MetricsLog(workdir / "metrics.jsonl", start)
+    step_fn = compiled_step(cfg, vae, mesh)
+    base_key = jax.random.PRNGKey(cfg.seed)
+    end = cfg.num_steps if until_step is None else min(cfg.num_steps, until_step)
+    t0, seen = time.time(), 0
+    bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc="autoencoder", disable=not progress)
+    for step in bar:
+        idx = data_lib.batch_indices(len(train_ds), cfg.batch_size, cfg.data_seed, step)
+        images = parallel.shard_batch(data_lib.to_model_input(train_ds.images[idx]), mesh)
+        state, metrics = step_fn(state, images, jax.random.fold_in(base_key, step))
+        seen += cfg.batch_size
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            m = {k: float(v) for k, v in metrics.items()}
+            log.write(step + 1, **m)
+            bar.set_postfix(loss=f"{m['loss']:.4f}")
+        ckpt.maybe_save(step + 1, state)
+    elapsed = time.time() - t0
+    if final_save:
+        ckpt.maybe_save(end, state, force=True)
+    ckpt.close()
+    summary = {"steps": end, "images_per_s_this_run": seen / max(elapsed, 1e-9), "train_seconds_this_run": elapsed}
+    if end < cfg.num_steps:
+        return summary
+
+    params = jax.device_get(state["params"])
+    summary["psnr_db"] = psnr(vae, params, eval_ds.images)
+    std = latent_std(vae, params, train_ds.images[:cfg.scale_images], cfg.seed)
+    summary["latent_std"], summary["scaling_factor"] = std, 1.0 / std
+    summary["f"] = vae.vae_scale_factor
+    summary["final_l1"] = log.rows()[-1]["l1"] if log.rows() else None
+    make_vae(cfg, scaling_factor=1.0 / std).save_pretrained(workdir / "vae", params)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss", "l1", "kl"),
+                title=f"autoencoder f={vae.vae_scale_factor}: PSNR {summary['psnr_db']:.2f} dB")
+    logger.info("autoencoder: %s", summary)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a configs/*.py file with get_config()")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, vae/ (resumed if it exists)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--until-step", type=int, default=None, help="stop at this step (checkpointed); rerun to go on")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(Config, args.config, args.set)
+    summary = train_and_evaluate(cfg, args.workdir, until_step=args.until_step)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Captioned image datasets, as uint8 arrays in memory.
+
+    ds = load_dataset("shapes", n=20000, image_size=32, seed=0)   # built in, generated, no download
+    ds = load_dataset("folder:/path/to/images", n=None, image_size=64)  # PNG/JPEG + optional same-name .txt
+    ds = load_dataset("hf:user/name", ...)                         # Hugging Face `datasets` (online only)
+    ds.images  # [N, H, W, 3] uint8;  ds.captions  # list[str];  ds.labels  # [N, 3] (shapes only)
+
+"shapes": one circle, square or triangle in one of six colors on a white, black or gray background,
+random size and position; caption "a {color} {shape} on a {background} background". Image i depends
+only on (seed, i), so the first n images are the same whatever n is.
+
+Batches are derived from (seed, step) (`batch_indices`), so a resumed run sees the same data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from sdjax.errors import SdjaxError
+
+logger = logging.getLogger(__name__)
+
+COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0),
+          "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
+COLOR_NAMES = tuple(COLORS)
+BACKGROUND_NAMES = tuple(BACKGROUNDS)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HELD_OUT_START = 10_000_000  # shapes indices used for evaluation (never in a training set)
+SUPERSAMPLE = 4  # render at 4x and average: anti-aliased edges
+
+
+class DataError(SdjaxError):
+    """A dataset that cannot be read (empty folder, no readable image, unknown name)."""
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    images: np.ndarray             # [N, H, W, 3] uint8
+    captions: list[str]
+    labels: np.ndarray | None = None  # shapes: [N, 3] (color, shape, background) indices
+    skipped: int = 0               # unreadable files skipped (image folders)
+
+    def __len__(self):
+        return len(self.images)
+
+
+def caption_for(color: int, shape: int, background: int) -> str:
+    return f"a {COLOR_NAMES[color]} {SHAPES[shape]} on a {BACKGROUND_NAMES[background]} background"
+
+
+def all_shape_captions() -> list[tuple[tuple[int, int, int], str]]:
+    return [((c, s, b), caption_for(c, s, b)) for c in range(len(COLORS)) for s in range(len(SHAPES))
+            for b in range(len(BACKGROUNDS))]
+
+
+def render_shape(color: int, shape: int, background: int, center, radius: float, image_size: int) -> np.ndarray:
+    """One image [H, W, 3] uint8. `center` (x, y) and `radius` in pixels; the shape fits in the circle of that radius."""
+    n = image_size * SUPERSAMPLE
+    coords = (np.arange(n) + 0.5) / SUPERSAMPLE
+    x, y = np.meshgrid(coords, coords)
+    dx, dy = x - center[0], y - center[1]
+    if SHAPES[shape] == "circle":
+        mask = dx * dx + dy * dy <= radius * radius
+    elif SHAPES[shape] == "square":
+        half = radius / np.sqrt(2.0)
+        mask = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    else:  # upright equilateral triangle inscribed in the circle
+        mask = (dy <= radius / 2) & (np.sqrt(3.0) * dx - dy <= radius) & (-np.sqrt(3.0) * dx - dy <= radius)
+    fg, bg = np.array(COLORS[COLOR_NAMES[color]]), np.array(BACKGROUNDS[BACKGROUND_NAMES[background]])
+    img = np.where(mask[..., None], fg, bg)
+    img = img.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    return np.round(img * 255).astype(np.uint8)
+
+
+def shapes_example(seed: int, index: int, image_size: int = 32):
+    """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only."""
+    rng = np.random.default_rng([seed, index])
+    color, shape, background = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES))), int(rng.integers(len(BACKGROUNDS)))
+    radius = rng.uniform(0.2, 0.42) * image_size
+    cx, cy = rng.uniform(radius, image_size - radius, size=2)
+    return render_shape(color, shape, background, (cx, cy), radius, image_size), (color, shape, background)
+
+
+def shapes_dataset(n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:
+    """Images start .. start+n-1 of the shapes dataset with this seed (cached: runs in one process share it)."""
+    return _shapes_dataset(n, seed, image_size, start)
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes_dataset(n: int, seed: int, image_size: int, start: int) -> ImageDataset:
+    if image_size not in (32, 64):
+        raise DataError(f"shapes: image_size must be 32 or 64, got {image_size}")
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    labels = np.empty((n, 3), np.int32)
+    for i in range(n):
+        images[i], labels[i] = shapes_example(seed, start + i, image_size)
+    images.setflags(write=False)  # shared by the cache
+    return ImageDataset(images, [caption_for(*l) for l in labels], labels)
+
+
+def load_image(path: Path, image_size: int) -> np.ndarray:
+    """RGB, shorter side resized to image_size, center-cropped square: [S, S, 3] uint8."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = image_size / min(w, h)
+        im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - image_size) // 2, (h - image_size) // 2
+        return np.asarray(im.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
+
+
+def image_folder_dataset(folder, image_size: int = 32, n: int | None = None) -> ImageDataset:
+    """Every PNG/JPEG under `folder` (sorted), caption from the same-name .txt if there is one, else "".
+
+    Unreadable images are skipped, counted and reported; an empty folder is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no images in {folder}: expected {', '.join(IMAGE_SUFFIXES)} files")
+    images, captions, bad = [], [], []
+    for p in files:
+        if n is not None and len(images) >= n:
+            break
+        try:
+            images.append(load_image(p, image_size))
+        except Exception as e:  # PIL raises many kinds for broken files
+            bad.append(f"{p.name} ({type(e).__name__})")
+            continue
+        txt = p.with_suffix(".txt")
+        captions.append(txt.read_text().strip() if txt.is_file() else "")
+    if bad:
+        logger.warning("skipped %d unreadable image(s) in %s: %s", len(bad), folder, ", ".join(bad[:10]))
+    if not images:
+        raise DataError(f"none of the {len(files)} image file(s) in {folder} could be read "
+                        f"(skipped {len(bad)}: {', '.join(bad[:10])})")
+    return ImageDataset(np.stack(images), captions, skipped=len(bad))
+
+
+def hf_dataset(name: str, image_size: int = 32, n: int | None = None, split: str = "train",
+               image_column: str = "image", caption_column: str = "text") -> ImageDataset:
+    """A Hugging Face `datasets` dataset (needs the network the first time; not tested offline)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("the 'hf:' datasets need the `datasets` package (pip install datasets)") from None
+    import io
+
+    from PIL import Image
+
+    ds = datasets.load_dataset(name, split=split)
+    if n is not None:
+        ds = ds.select(range(min(n, len(ds))))
+    images, captions = [], []
+    for row in ds:
+        im = row[image_column]
+        if isinstance(im, dict) and "bytes" in im:
+            im = Image.open(io.BytesIO(im["bytes"]))
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        buf.seek(0)
+        images.append(load_image(buf, image_size))
+        captions.append(str(row.get(caption_column, "")))
+    return ImageDataset(np.stack(images), captions)
+
+
+def load_dataset(name: str, n: int | None, image_size: int, seed: int = 0, held_out: bool = False) -> ImageDataset:
+    """"shapes" | "folder:PATH" | "hf:NAME". held_out: shapes' evaluation images (disjoint indices);
+    for other datasets the caller splits off the last images."""
+    if name == "shapes":
+        if n is None:
+            raise DataError("shapes: the number of images must be given")
+        return shapes_dataset(n, seed, image_size, start=HELD_OUT_START if held_out else 0)
+    if name.startswith("folder:"):
+        return image_folder_dataset(name[len("folder:"):], image_size, n)
+    if name.startswith("hf:"):
+        return hf_dataset(name[len("hf:"):], image_size, n)
+    raise DataError(f"unknown dataset {name!r}: use 'shapes', 'folder:PATH' or 'hf:NAME'")
+
+
+def train_and_eval(name: str, n_train: int | None, n_eval: int, image_size: int, seed: int):
+    """(train, eval) datasets. Shapes: disjoint generated sets; others: the last n_eval images are held out."""
+    if name == "shapes":
+        return (load_dataset(name, n_train, image_size, seed),
+                load_dataset(name, n_eval, image_size, seed, held_out=True))
+    ds = load_dataset(name, None if n_train is None else n_train + n_eval, image_size, seed)
+    if len(ds) <= n_eval:
+        raise DataError(f"{name}: {len(ds)} images, need more than num_eval_images={n_eval}")
+    k = len(ds) - n_eval
+    train = ImageDataset(ds.images[:k], ds.captions[:k], skipped=ds.skipped)
+    return train, ImageDataset(ds.images[k:], ds.captions[k:])
+
+
+def to_model_input(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 NCHW in [-1, 1] (diffusers' layout and range)."""
+    x = images_uint8.astype(np.float32) / 127.5 - 1.0
+    return x.transpose(0, 3, 1, 2)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the batch at `step`: epoch-wise permutations drawn from (seed, epoch)."""
+    if batch_size > n:
+        raise DataError(f"batch_size {batch_size} is larger than the dataset ({n} images)")
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = _permutation(n, seed, epoch)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+_PERM_CACHE: dict = {}
+
+
+def _permutation(n, seed, epoch):
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE.clear()
+        _PERM_CACHE[key] = np.random.default_rng([seed, epoch, 7]).permutation(n)
+    return _PERM_CACHE[key]

@@ -1,0 +1,191 @@
+"""Score a text-to-image model on "shapes" with a classifier trained on real images.
+
+    python -m train.evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
+
+1. A small Flax CNN learns (color, shape, background) from real "shapes" images (trained once, saved in
+   --classifier-dir); its held-out accuracy is reported: it should be >= 98% before its scores are trusted.
+2. The model generates `per_caption` images for each of the 54 captions (6 colors x 3 shapes x 3 backgrounds).
+3. Color / shape / background accuracy: how often the classifier reads back what the caption asked for.
+   FD: the Frechet distance between the classifier's penultimate features of generated and real images
+   (an FID with a domain-specific feature extractor); FD between two real sets is given as the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from . import data as data_lib
+
+logger = logging.getLogger(__name__)
+HEADS = (("color", len(data_lib.COLORS)), ("shape", len(data_lib.SHAPES)), ("background", len(data_lib.BACKGROUNDS)))
+
+
+class ShapesClassifier(nn.Module):
+    """Images [B, H, W, 3] in [0, 1] -> (features [B, 128], {head: logits})."""
+
+    @nn.compact
+    def __call__(self, x):
+        for c, s in ((32, 1), (64, 2), (128, 2)):
+            x = nn.relu(nn.Conv(c, (3, 3), strides=s)(x))
+        x = nn.relu(nn.Conv(128, (3, 3))(x))
+        feats = nn.relu(nn.Dense(128)(jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], -1)))
+        return feats, {name: nn.Dense(n, name=name)(feats) for name, n in HEADS}
+
+
+def _float(images_uint8):
+    return jnp.asarray(images_uint8, jnp.float32) / 255.0
+
+
+def train_classifier(image_size=32, n_train=12000, steps=600, batch_size=128, seed=0):
+    """Train on shapes (data seed 1: images the LDM never saw). Returns params."""
+    ds = data_lib.shapes_dataset(n_train, seed=1, image_size=image_size)
+    model = ShapesClassifier()
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    tx = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, x, y, key):
+        # a little pixel noise, so generated images' small artifacts do not confuse it
+        x = x + 0.03 * jax.random.normal(key, x.shape)
+
+        def loss_fn(p):
+            _, logits = model.apply({"params": p}, x)
+            return sum(optax.softmax_cross_entropy_with_integer_labels(logits[name], y[:, i]).mean()
+                       for i, (name, _) in enumerate(HEADS))
+
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        u, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, u), opt, loss
+
+    for s in range(steps):
+        idx = data_lib.batch_indices(len(ds), batch_size, 1, s)
+        params, opt, loss = step(params, opt, _float(ds.images[idx]), jnp.asarray(ds.labels[idx]),
+                                 jax.random.PRNGKey(s))
+    return params
+
+
+def predict(params, images_uint8, batch_size=256):
+    """(features [N, 128], {head: predicted index [N]})."""
+    model = ShapesClassifier()
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    feats, preds = [], {name: [] for name, _ in HEADS}
+    for i in range(0, len(images_uint8), batch_size):
+        f, logits = fn(params, _float(images_uint8[i:i + batch_size]))
+        feats.append(np.asarray(f))
+        for name in preds:
+            preds[name].append(np.asarray(jnp.argmax(logits[name], -1)))
+    return np.concatenate(feats), {k: np.concatenate(v) for k, v in preds.items()}
+
+
+def accuracies(preds, labels) -> dict:
+    return {name: float(np.mean(preds[name] == labels[:, i])) for i, (name, _) in enumerate(HEADS)}
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), as FID computes it."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(sa @ sb, disp=False)
+    covmean = covmean.real
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
+
+
+def load_or_train_classifier(folder, image_size=32):
+    folder = Path(folder)
+    path = folder / f"classifier_{image_size}.msgpack"
+    template = ShapesClassifier().init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    if path.is_file():
+        return serialization.from_bytes(template, path.read_bytes())
+    params = train_classifier(image_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialization.to_bytes(params))
+    return params
+
+
+def generate(pipe, params, captions, seed=0, guidance=5.0, steps=25, batch_size=54):
+    images = []
+    for i in range(0, len(captions), batch_size):
+        ids = pipe.prepare_inputs(list(captions[i:i + batch_size]))
+        out = pipe(ids, params, jax.random.PRNGKey(seed + i), num_inference_steps=steps, guidance_scale=guidance,
+                   jit=False)
+        images.append(np.round(np.asarray(out.images) * 255).astype(np.uint8))
+    return np.concatenate(images)
+
+
+def save_grid(images, path, cols=18):
+    from PIL import Image
+
+    n = len(images) // cols * cols
+    rows = [np.concatenate(list(images[r * cols:(r + 1) * cols]), axis=1) for r in range(n // cols)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def evaluate(model_path, classifier_dir="runs/shapes_classifier", guidance=5.0, steps=25, per_caption=4,
+             seed=0, n_real=1000, out_dir=None, scheduler=None) -> dict:
+    from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(model_path, scheduler=scheduler)
+    size = pipe.default_size
+    clf = load_or_train_classifier(classifier_dir, size)
+    real = data_lib.shapes_dataset(n_real, seed=0, image_size=size, start=data_lib.HELD_OUT_START)
+    real2 = data_lib.shapes_dataset(per_caption * 54, seed=2, image_size=size, start=data_lib.HELD_OUT_START)
+    real_feats, real_preds = predict(clf, real.images)
+    result = {"classifier_held_out_accuracy": accuracies(real_preds, real.labels)}
+
+    combos = [combo for combo, _ in data_lib.all_shape_captions()] * per_caption
+    labels = np.array(combos)
+    captions = [data_lib.caption_for(*c) for c in combos]
+    t0 = time.time()
+    gen = generate(pipe, params, captions, seed=seed, guidance=guidance, steps=steps)
+    result["generation_seconds"] = time.time() - t0
+    gen_feats, gen_preds = predict(clf, gen)
+    result["adherence"] = accuracies(gen_preds, labels)
+    result["fd_generated_vs_real"] = frechet_distance(gen_feats, real_feats)
+    result["fd_real_vs_real"] = frechet_distance(predict(clf, real2.images)[0], real_feats)
+    result |= {"model": str(model_path), "guidance": guidance, "steps": steps, "images": len(gen),
+               "scheduler": type(pipe.scheduler).__name__}
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_grid(gen[:54 * min(per_caption, 2)], out / f"samples_g{guidance:g}.png")
+        (out / f"eval_g{guidance:g}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
+    parser.add_argument("--classifier-dir", default="runs/shapes_classifier")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[5.0])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--per-caption", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for eval_g*.json and sample grids")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    model = args.model
+    if model is None:
+        from sdjax.assets import toy_model_path
+
+        model = toy_model_path()
+    for g in args.guidance:
+        print(json.dumps(evaluate(model, args.classifier_dir, g, args.steps, args.per_caption, args.seed,
+                                  out_dir=args.out), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Stage 2: a text-conditioned UNet on the frozen autoencoder's latents, as in Latent Diffusion.
+
+    python -m train.ldm --config configs/shapes_ldm.py --workdir runs/ldm
+
+Reads stage 1's VAE from <autoencoder_dir>/vae (its config holds the latent scaling factor), encodes
+the training images once (posterior mean and std, cached in <workdir>/latents.npz; a fresh posterior
+sample is drawn every step), builds a CLIP BPE tokenizer from the captions, and trains sdjax's
+UNet2DConditionModel jointly with a small CLIP text encoder (the paper trains its conditioning
+encoder too). Captions are dropped (replaced by "") with probability caption_dropout, which makes
+classifier-free guidance possible. epsilon or v prediction; scaled-linear or cosine betas; EMA
+weights; data parallel over all devices (batch split, params replicated). At the end the EMA weights
+are exported as a diffusers-format pipeline folder (<workdir>/pipeline, or export_dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sdjax.errors import ConfigError
+from sdjax.models.autoencoder_kl import AutoencoderKL
+from sdjax.models.clip_text import CLIPTextModel
+from sdjax.models.unet_2d_condition import UNet2DConditionModel
+from sdjax.schedulers import DDPMScheduler
+
+from . import data as data_lib
+from . import parallel
+from . import tokenizer as tokenizer_lib
+from .checkpointing import Checkpointer, check_or_write_config
+from .config import load_config, to_jsonable
+from .metrics import MetricsLog, plot_losses
+
+logger = logging.getLogger(__name__)
+
+BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "linear": "linear"}
+
+
+@dataclasses.dataclass
+class Config:
+    autoencoder_dir: str = "runs/shapes_autoencoder"  # stage 1's workdir (its vae/ folder is used)
+    dataset: str = "shapes"
+    image_size: int = 32
+    num_train_images: int | None = 12000
+    data_seed: int = 0
+    model_max_length: int = 16  # tokens per caption (= the text encoder's max_position_embeddings)
+    # UNet2DConditionModel config keys (sample_size, in/out_channels, cross_attention_dim are filled in)
+    unet: dict = dataclasses.field(default_factory=lambda: dict(
+        block_out_channels=[64, 128], layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=4, norm_num_groups=32))
+    # CLIPTextConfig keys (vocab_size, max_position_embeddings and the special token ids are filled in)
+    text_encoder: dict = dataclasses.field(default_factory=lambda: dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"))
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    beta_schedule: str = "scaled_linear"  # or "cosine"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    batch_size: int = 64
+    num_steps: int = 2000
+    learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    sample_scheduler: str = "ddim"  # the exported pipeline's scheduler: "ddim" or "pndm"
+    export_dir: str | None = None  # default: <workdir>/pipeline
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"prediction_type = {cfg.prediction_type!r}: use 'epsilon' or 'v_prediction'")
+    if cfg.beta_schedule not in BETA_SCHEDULES:
+        raise ConfigError(f"beta_schedule = {cfg.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
+    if cfg.sample_scheduler not in ("ddim", "pndm"):
+        raise ConfigError(f"sample_scheduler = {cfg.sample_scheduler!r}: use 'ddim' or 'pndm'")
+    if not 0 <= cfg.caption_dropout < 1:
+        raise ConfigError(f"caption_dropout = {cfg.caption_dropout}: must be in [0, 1)")
+
+
+def noise_schedule_config(cfg: Config) -> dict:
+    """The training betas, as diffusers scheduler config keys."""
+    return dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=BETA_SCHEDULES[cfg.beta_schedule],
+                beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type)
+
+
+def sampling_scheduler_config(cfg: Config) -> dict:
+    """DDIM / PLMS with the training betas, set up as Stable Diffusion's (for diffusers and sdjax alike)."""
+    common = noise_schedule_config(cfg) | dict(set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    if cfg.sample_scheduler == "ddim":
+        return {"_class_name": "DDIMScheduler", **common, "clip_sample": False}
+    return {"_class_name": "PNDMScheduler", **common, "skip_prk_steps": True}
+
+
+def load_autoencoder(autoencoder_dir) -> tuple[AutoencoderKL, dict]:
+    folder = Path(autoencoder_dir) / "vae"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"no trained autoencoder in {folder}: run stage 1 (python -m train.autoencoder) first, "
+                          f"or set autoencoder_dir")
+    return AutoencoderKL.from_pretrained(folder)
+
+
+def make_models(cfg: Config, vae: AutoencoderKL, tokenizer):
+    f = vae.vae_scale_factor
+    if cfg.image_size % f:
+        raise ConfigError(f"image_size {cfg.image_size} is not a multiple of the autoencoder's factor {f}")
+    te_cfg = dict(cfg.text_encoder) | dict(
+        vocab_size=len(tokenizer), max_position_embeddings=cfg.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=cfg.text_encoder.get("hidden_size", 64))
+    text_encoder = CLIPTextModel.from_config(te_cfg)
+    unet_cfg = dict(cfg.unet) | dict(sample_size=cfg.image_size // f, in_channels=vae.latent_channels,
+                                     out_channels=vae.latent_channels, cross_attention_dim=text_encoder.hidden_size)
+    return text_encoder, UNet2DConditionModel.from_config(unet_cfg)
+
+
+def make_optimizer(cfg: Config):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
+                                                  max(cfg.num_steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def create_train_state(cfg: Config, text_encoder, unet):
+    key = jax.random.PRNGKey(cfg.seed)
+    params = {"unet": unet.init_weights(jax.random.fold_in(key, 0)),
+              "text_encoder": text_encoder.init_weights(jax.random.fold_in(key, 1))}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": make_optimizer(cfg).init(params),
+            "ema": jax.tree_util.tree_map(jnp.copy, params)}  # own buffers: the state is donated
+
+
+def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, state, batch, key):
+    """One step: sample z from the cached posterior, drop captions, noise, predict, MSE; AdamW; EMA."""
+    mean, std, ids = batch["latent_mean"], batch["latent_std"], batch["input_ids"]
+    b = mean.shape[0]
+    k_z, k_noise, k_t, k_drop = jax.random.split(key, 4)
+    z = (mean + std * jax.random.normal(k_z, mean.shape)) * scaling_factor
+    drop = jax.random.uniform(k_drop, (b,)) < cfg.caption_dropout
+    ids = jnp.where(drop[:, None], empty_ids[None, :], ids)
+    noise = jax.random.normal(k_noise, z.shape)
+    t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
+    noisy = noise_sched.add_noise(z, noise, t)
+    target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(z, noise, t)
+
+    def loss_fn(params):
+        context = text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+        pred = unet.apply({"params": params["unet"]}, noisy, t, context)
+        return jnp.mean((pred - target) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step = state["step"] + 1
+    decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))  # warm-up: early EMA follows the weights
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+    return {"step": step, "params": params, "opt_state": opt_state, "ema": ema}, {"loss": loss,
+                                                                                "grad_norm": optax.tree.norm(grads)}
+
+
+_STEP_CACHE: dict = {}
+
+
+def compiled_step(cfg: Config, text_encoder, unet, noise_sched, vae, empty_ids, mesh):
+    """The jitted train step, shared by runs with the same setup (a resumed run in the same process
+    does not compile again)."""
+    key = (json.dumps(to_jsonable(cfg), sort_keys=True), json.dumps(text_encoder.to_json_config()),
+           json.dumps(unet.to_json_config()), float(vae.scaling_factor), tuple(np.asarray(empty_ids).tolist()),
+           mesh.devices.shape)
+    if key not in _STEP_CACHE:
+        rep = parallel.replicated(mesh)
+        _STEP_CACHE[key] = jax.jit(functools.partial(train_step, cfg, text_encoder, unet, noise_sched,
+                                                     vae.scaling_factor, empty_ids),
+                                   donate_argnums=0, out_shardings=(rep, rep))
+    return _STEP_CACHE[key]
+
+
+def encode_dataset(vae, vae_params, images_uint8, batch_size: int = 256):
+    """Posterior (mean, std) of every image: [N, C, h, w] float32 each."""
+    fn = jax.jit(lambda p, x: (lambda post: (post.mean, post.std))(vae.apply({"params": p}, x, method=vae.encode)))
+    means, stds = [], []
+    for i in range(0, len(images_uint8), batch_size):
+        m, s = fn(vae_params, data_lib.to_model_input(images_uint8[i:i + batch_size]))
+        means.append(np.asarray(m))
+        stds.append(np.asarray(s))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def cached_latents(workdir: Path, vae, vae_params, ds) -> tuple[np.ndarray, np.ndarray]:
+    """Encode once; later runs in the same workdir read latents.npz (keyed by the VAE weights and data)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(vae_params):
+        h.update(np.asarray(leaf).tobytes())
+    h.update(ds.images.tobytes())
+    digest = h.hexdigest()[:16]
+    path = workdir / "latents.npz"
+    if path.is_file():
+        cached = np.load(path)
+        if str(cached["digest"]) == digest:
+            return cached["mean"], cached["std"]
+    mean, std = encode_dataset(vae, vae_params, ds.images)
+    tmp = workdir / "latents.tmp.npz"
+    np.savez(tmp, mean=mean, std=std, digest=np.array(digest))
+    tmp.replace(path)
+    return mean, std
+
+
+def setup_tokenizer(workdir: Path, captions, model_max_length: int):
+    folder = workdir / "tokenizer"
+    if not (folder / "vocab.json").is_file():
+        tokenizer_lib.build_clip_tokenizer(sorted(set(captions)), folder, model_max_length)
+    return tokenizer_lib.load(folder)
+
+
+def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,
+                       final_save: bool = True,
+                       export: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    check_config(cfg)
+    workdir = Path(workdir)
+    check_or_write_config(workdir, to_jsonable(cfg))
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(cfg.batch_size, mesh)
+
+    vae, vae_params = load_autoencoder(cfg.autoencoder_dir)
+    ds = data_lib.load_dataset(cfg.dataset, cfg.num_train_images, cfg.image_size, cfg.data_seed)
+    tokenizer = setup_tokenizer(workdir, ds.captions, cfg.model_max_length)
+    text_encoder, unet = make_models(cfg, vae, tokenizer)
+    input_ids = tokenizer_lib.encode(tokenizer, ds.captions)
+    empty_ids = jnp.asarray(tokenizer_lib.encode(tokenizer, [""])[0])
+    lat_mean, lat_std = cached_latents(workdir, vae, vae_params, ds)
+    noise_sched = DDPMScheduler.from_config(noise_schedule_config(cfg))
+
+    ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
+    rep = parallel.replicated(mesh)
+    abstract = jax.eval_shape(lambda: create_train_state(cfg, text_encoder, unet))
+    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
+    start = ckpt.latest_step()
+    if start is None:
+        state, start = parallel.replicate(create_train_state(cfg, text_encoder, unet), mesh), 0
+    else:
+        state = ckpt.restore(abstract, start)
+        logger.info("resumed from step %d", start)
+    log = MetricsLog(workdir / "metrics.jsonl", start)
+    step_fn = compiled_step(cfg, text_encoder, unet, noise_sched, vae, empty_ids, mesh)
+    base_key = jax.random.PRNGKey(cfg.seed)
+    end = cfg.num_steps if until_step is None else min(cfg.num_steps, until_step)
+    t0, seen = time.time(), 0
+    bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc="ldm", disable=not progress)
+    for step in bar:
+        idx = data_lib.batch_indices(len(ds), cfg.batch_size, cfg.data_seed, step)
+        batch = parallel.shard_batch({"latent_mean": lat_mean[idx], "latent_std": lat_std[idx],
+                                      "input_ids": input_ids[idx]}, mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+        seen += cfg.batch_size
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            m = {k: float(v) for k, v in metrics.items()}
+            log.write(step + 1, **m)
+            bar.set_postfix(loss=f"{m['loss']:.4f}")
+        ckpt.maybe_save(step + 1, state)
+    elapsed = time.time() - t0
+    if final_save:
+        ckpt.maybe_save(end, state, force=True)
+    ckpt.close()
+    summary = {"steps": end, "images_per_s_this_run": seen / max(elapsed, 1e-9), "train_seconds_this_run": elapsed}
+    if end < cfg.num_steps:
+        return summary
+    rows = log.rows()
+    tail = [r["loss"] for r in rows[-5:]]
+    summary["final_loss_mean_last_5_logs"] = float(np.mean(tail)) if tail else None
+    plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss", "grad_norm"),
+                title=f"LDM ({cfg.prediction_type}, {cfg.beta_schedule} betas)")
+    if export:
+        from .export import export_pipeline
+
+        out = Path(cfg.export_dir) if cfg.export_dir else workdir / "pipeline"
+        export_pipeline(out, cfg, text_encoder, unet, jax.device_get(state["ema"]), vae, vae_params, tokenizer)
+        summary["pipeline"] = str(out)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("ldm: %s", summary)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a configs/*.py file with get_config()")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, tokenizer/, pipeline/ (resumed if it exists)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--until-step", type=int, default=None, help="stop at this step (checkpointed); rerun to go on")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(Config, args.config, args.set)
+    print(json.dumps(train_and_evaluate(cfg, args.workdir, until_step=args.until_step), indent=2))
+
+
+if __name__ == "__main__":
+    main()
