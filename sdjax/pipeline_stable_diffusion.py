@@ -131,11 +131,7 @@ class FlaxStableDiffusionPipeline:
         self.vae.save_pretrained(root / "vae", params["vae"])
         self.unet.save_pretrained(root / "unet", params["unet"])
         self.tokenizer.save_pretrained(root / "tokenizer")
-        # sdjax schedulers are configs + numpy tables: write diffusers' scheduler_config.json directly.
-        (root / "scheduler").mkdir(exist_ok=True)
-        sched_cfg = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
-        write_json(root / "scheduler" / "scheduler_config.json", {
-            "_class_name": self.scheduler.diffusers_class, "_diffusers_version": "0.35.0", **sched_cfg})
+        self.scheduler.save_pretrained(root / "scheduler")
         write_json(root / "model_index.json", {
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": "0.35.0",

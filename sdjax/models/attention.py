@@ -28,12 +28,14 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal=False, scale=None, up
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if not return_probs:
+    if not return_probs and _use_fused():
         if upcast:
             v = v.astype(jnp.float32)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
         return out.astype(out_dtype)
-    scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) * scale
+    # Explicit path, heads-major: [B, N, T, H], so both matmuls have leading batch dims (B, N).
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    scores = jnp.einsum("bnqh,bnkh->bnqk", q, k).astype(jnp.float32) * scale
     if is_causal:
         tq, tk = scores.shape[-2:]
         causal = jnp.tril(jnp.ones((tq, tk), dtype=bool))
@@ -41,8 +43,18 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal=False, scale=None, up
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
-    return out.astype(out_dtype), probs
+    out = jnp.swapaxes(jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v), 1, 2).astype(out_dtype)
+    return (out, probs) if return_probs else out
+
+
+def _use_fused() -> bool:
+    """The fused `jax.nn.dot_product_attention` on GPU/TPU; the explicit heads-major einsums on CPU.
+
+    On CPU the fused call is XLA's reference implementation, which contracts [B, T, N, H] operands whose
+    batch dims (B, N) are not leading; XLA:CPU runs that several times slower than the heads-major
+    batched matmuls (bench/unet.py: ~10x on the tiny UNet's 1024-token self-attention, see BENCHMARKS.md).
+    """
+    return jax.default_backend() != "cpu"
 
 
 class Attention(nn.Module):

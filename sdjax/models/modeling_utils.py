@@ -162,6 +162,9 @@ def atomic_write(path: Path, write) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should have a normal file's mode
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
