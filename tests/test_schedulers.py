@@ -15,6 +15,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from sdjax.errors import SdjaxError
 from sdjax.schedulers import (
     SCHEDULERS,
     ConfigError,
@@ -455,10 +456,10 @@ def test_bad_names_and_files(tmp_path):
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
     s = load_scheduler(tmp_path)
     assert s.name == "euler" and s.config["steps_offset"] == 1
-    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+    with pytest.raises(SdjaxError, match="scheduler_config.json"):
         load_scheduler(tmp_path / "empty_missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+    with pytest.raises(SdjaxError, match="scheduler_config.json"):
         load_scheduler(tmp_path / "empty")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "scheduler_config.json").write_text("{not json")

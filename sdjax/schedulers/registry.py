@@ -148,6 +148,10 @@ def load_scheduler_config(folder_or_repo: str | os.PathLike, subfolder: str | No
             if os.path.isfile(c):
                 return _read_json(c)
         raise SdjaxError(f"no {CONFIG_NAME} in {path!r} (looked for: {', '.join(candidates)})")
+    from ..hub import looks_like_repo_id
+
+    if not looks_like_repo_id(path):
+        raise SdjaxError(f"no {CONFIG_NAME}: folder not found: {path!r}")
     # a hub repo id
     try:
         from huggingface_hub import hf_hub_download
