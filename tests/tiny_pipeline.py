@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+from train.tokenizer import bytes_to_unicode
+
 from .reference import perturb_
 
 UNET = dict(
@@ -26,18 +28,6 @@ TEXT = dict(
     num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, max_position_embeddings=77,
 )
 WORDS = "a photo of an astronaut riding horse cat dog red blue green circle square on the moon".split()
-
-
-def bytes_to_unicode():
-    """GPT-2/CLIP's byte -> printable unicode table (the BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def write_tiny_tokenizer(folder: Path, words=WORDS, max_length: int = 77) -> dict:
