@@ -94,14 +94,17 @@ class EulerScheduler(SigmaScheduler):
         )
 
     def step(self, state, model_output, step_index, sample, key=None, noise=None):
-        out_dtype = sample.dtype
-        x = sample.astype(jnp.float32)
-        mo = model_output.astype(jnp.float32)
-        k = step_index
-        sigma = take(state.noise_levels, k)
-        x0 = x0_from_sigma_space(
-            self.config["prediction_type"], mo, x, sigma, take(state.c_out, k), take(state.c_skip_div, k)
-        )
-        derivative = (x - x0) / sigma
-        prev = x + derivative * take(state.dt, k)
-        return state, prev.astype(out_dtype), x0.astype(out_dtype)
+        prev, x0 = euler_update(self.config["prediction_type"], state, model_output, step_index, sample)
+        return state, prev.astype(sample.dtype), x0.astype(sample.dtype)
+
+
+def euler_update(prediction_type, state: SigmaState, model_output, k, sample):
+    """One Euler step of the probability-flow ODE from sigma_k by state.dt[k]: (prev, x̂0), float32.
+    Shared with Euler ancestral, whose dt goes down to sigma_down and which then adds fresh noise."""
+    x = sample.astype(jnp.float32)
+    sigma = take(state.noise_levels, k)
+    x0 = x0_from_sigma_space(
+        prediction_type, model_output.astype(jnp.float32), x, sigma, take(state.c_out, k), take(state.c_skip_div, k)
+    )
+    derivative = (x - x0) / sigma
+    return x + derivative * take(state.dt, k), x0

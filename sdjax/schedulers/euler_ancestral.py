@@ -17,9 +17,8 @@ from .base import (
     input_scale,
     take,
     v_coefs,
-    x0_from_sigma_space,
 )
-from .euler import SigmaState
+from .euler import SigmaState, euler_update
 
 
 class EulerAncestralScheduler(SigmaScheduler):
@@ -63,16 +62,7 @@ class EulerAncestralScheduler(SigmaScheduler):
         )
 
     def step(self, state, model_output, step_index, sample, key=None, noise=None):
-        out_dtype = sample.dtype
-        x = sample.astype(jnp.float32)
-        mo = model_output.astype(jnp.float32)
-        k = step_index
-        sigma = take(state.noise_levels, k)
-        x0 = x0_from_sigma_space(
-            self.config["prediction_type"], mo, x, sigma, take(state.c_out, k), take(state.c_skip_div, k)
-        )
-        derivative = (x - x0) / sigma
-        prev = x + derivative * take(state.dt, k)
-        z = get_noise(self.name, x.shape, key, noise)
-        prev = prev + z * take(state.sigma_up, k)
-        return state, prev.astype(out_dtype), x0.astype(out_dtype)
+        prev, x0 = euler_update(self.config["prediction_type"], state, model_output, step_index, sample)
+        z = get_noise(self.name, sample.shape, key, noise)
+        prev = prev + z * take(state.sigma_up, step_index)
+        return state, prev.astype(sample.dtype), x0.astype(sample.dtype)
