@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import logging
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ from . import data as data_lib
 from . import parallel
 from .checkpointing import Checkpointer, check_or_write_config
 from .config import load_config, to_jsonable
+from .loop import restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -187,8 +187,6 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     """Train (resuming from workdir's last checkpoint), then write vae/ and summary.json.
 
     until_step: stop there (checkpointed unless final_save=False, which simulates a kill); rerun to go on."""
-    from tqdm.auto import tqdm
-
     workdir = Path(workdir)
     check_or_write_config(workdir, to_jsonable(cfg))
     mesh = parallel.make_mesh()
@@ -197,36 +195,16 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
                                                 cfg.image_size, cfg.data_seed)
     vae = make_vae(cfg)
     ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
-    abstract = jax.eval_shape(lambda: create_train_state(cfg, vae))
-    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), abstract)
-    start = ckpt.latest_step()
-    if start is None:
-        state, start = parallel.replicate(create_train_state(cfg, vae), mesh), 0
-    else:
-        state = ckpt.restore(abstract, start)
-        logger.info("resumed from step %d", start)
+    state, start = restore_or_init(ckpt, lambda: create_train_state(cfg, vae), mesh)
     log = MetricsLog(workdir / "metrics.jsonl", start)
-    step_fn = compiled_step(cfg, vae, mesh)
-    base_key = jax.random.PRNGKey(cfg.seed)
-    end = cfg.num_steps if until_step is None else min(cfg.num_steps, until_step)
-    t0, seen = time.time(), 0
-    bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc="autoencoder", disable=not progress)
-    for step in bar:
+
+    def make_batch(step):
         idx = data_lib.batch_indices(len(train_ds), cfg.batch_size, cfg.data_seed, step)
-        images = parallel.shard_batch(data_lib.to_model_input(train_ds.images[idx]), mesh)
-        state, metrics = step_fn(state, images, jax.random.fold_in(base_key, step))
-        seen += cfg.batch_size
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            m = {k: float(v) for k, v in metrics.items()}
-            log.write(step + 1, **m)
-            bar.set_postfix(loss=f"{m['loss']:.4f}")
-        ckpt.maybe_save(step + 1, state)
-    elapsed = time.time() - t0
-    if final_save:
-        ckpt.maybe_save(end, state, force=True)
-    ckpt.close()
-    summary = {"steps": end, "images_per_s_this_run": seen / max(elapsed, 1e-9), "train_seconds_this_run": elapsed}
-    if end < cfg.num_steps:
+        return parallel.shard_batch(data_lib.to_model_input(train_ds.images[idx]), mesh)
+
+    state, summary = run_steps(cfg, state, start, compiled_step(cfg, vae, mesh), make_batch, ckpt, log,
+                               desc="autoencoder", until_step=until_step, final_save=final_save, progress=progress)
+    if summary["steps"] < cfg.num_steps:
         return summary
 
     params = jax.device_get(state["params"])

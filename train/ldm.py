@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 
 import jax
@@ -39,6 +38,7 @@ from . import parallel
 from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config
 from .config import load_config, to_jsonable
+from .loop import restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -228,8 +228,6 @@ def setup_tokenizer(workdir: Path, captions, model_max_length: int):
 def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,
                        final_save: bool = True,
                        export: bool = True) -> dict:
-    from tqdm.auto import tqdm
-
     check_config(cfg)
     workdir = Path(workdir)
     check_or_write_config(workdir, to_jsonable(cfg))
@@ -246,38 +244,18 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     noise_sched = DDPMScheduler.from_config(noise_schedule_config(cfg))
 
     ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
-    rep = parallel.replicated(mesh)
-    abstract = jax.eval_shape(lambda: create_train_state(cfg, text_encoder, unet))
-    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
-    start = ckpt.latest_step()
-    if start is None:
-        state, start = parallel.replicate(create_train_state(cfg, text_encoder, unet), mesh), 0
-    else:
-        state = ckpt.restore(abstract, start)
-        logger.info("resumed from step %d", start)
+    state, start = restore_or_init(ckpt, lambda: create_train_state(cfg, text_encoder, unet), mesh)
     log = MetricsLog(workdir / "metrics.jsonl", start)
-    step_fn = compiled_step(cfg, text_encoder, unet, noise_sched, vae, empty_ids, mesh)
-    base_key = jax.random.PRNGKey(cfg.seed)
-    end = cfg.num_steps if until_step is None else min(cfg.num_steps, until_step)
-    t0, seen = time.time(), 0
-    bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc="ldm", disable=not progress)
-    for step in bar:
+
+    def make_batch(step):
         idx = data_lib.batch_indices(len(ds), cfg.batch_size, cfg.data_seed, step)
-        batch = parallel.shard_batch({"latent_mean": lat_mean[idx], "latent_std": lat_std[idx],
-                                      "input_ids": input_ids[idx]}, mesh)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-        seen += cfg.batch_size
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            m = {k: float(v) for k, v in metrics.items()}
-            log.write(step + 1, **m)
-            bar.set_postfix(loss=f"{m['loss']:.4f}")
-        ckpt.maybe_save(step + 1, state)
-    elapsed = time.time() - t0
-    if final_save:
-        ckpt.maybe_save(end, state, force=True)
-    ckpt.close()
-    summary = {"steps": end, "images_per_s_this_run": seen / max(elapsed, 1e-9), "train_seconds_this_run": elapsed}
-    if end < cfg.num_steps:
+        return parallel.shard_batch({"latent_mean": lat_mean[idx], "latent_std": lat_std[idx],
+                                     "input_ids": input_ids[idx]}, mesh)
+
+    step_fn = compiled_step(cfg, text_encoder, unet, noise_sched, vae, empty_ids, mesh)
+    state, summary = run_steps(cfg, state, start, step_fn, make_batch, ckpt, log, desc="ldm",
+                               until_step=until_step, final_save=final_save, progress=progress)
+    if summary["steps"] < cfg.num_steps:
         return summary
     rows = log.rows()
     tail = [r["loss"] for r in rows[-5:]]
