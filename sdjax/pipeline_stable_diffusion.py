@@ -14,7 +14,6 @@ T is the number of model evaluations: the scheduler's `timesteps` (T+1 for PLMS,
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
