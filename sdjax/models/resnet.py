@@ -5,8 +5,10 @@ Submodule names are diffusers' PyTorch names, so weight conversion is a table of
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
 
 
 def group_norm(num_groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
@@ -17,7 +19,52 @@ def group_norm(num_groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
 def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: int | None = None) -> nn.Conv:
     pad = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, name=name)
+                   dtype=dtype, name=name, conv_general_dilated=conv_general_dilated)
+
+
+# Outputs of at most this many pixels are computed as one matmul on CPU (see conv_general_dilated).
+SMALL_CONV_PIXELS = 64
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """`lax.conv_general_dilated`, except for small NHWC outputs on CPU: patches @ kernel, one matmul.
+
+    XLA:CPU runs a 3x3 convolution whose input is smaller than its window (SD's 2x2 deepest level at
+    128x128) by swapping the operands and reversing the kernel: 85 ms instead of 2 ms for
+    [2, 2, 2, 1280] -> 1280 channels, and up to 3x slower than a matmul up to 8x8 outputs
+    (bench/conv.py, BENCHMARKS.md). The matmul computes the same sum in another order (~1e-7 relative).
+    """
+    out = _conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                          feature_group_count, precision)
+    if out is not None:
+        return out
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+def _conv_as_matmul(x, kernel, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups, precision):
+    """The im2col form of an NHWC/HWIO convolution when it applies and pays off; else None."""
+    if jax.default_backend() != "cpu" or groups != 1 or x.ndim != 4 or isinstance(padding, str):
+        return None
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        return None
+    nhwc = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    if lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) != nhwc:
+        return None
+    kh, kw, cin, cout = kernel.shape
+    (pt, pb), (pl, pr) = padding
+    sh, sw = strides
+    b, h, w, _ = x.shape
+    ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    if kh * kw == 1 or ho * wo > SMALL_CONV_PIXELS:
+        return None
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    taps = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(taps, axis=-1)  # [B, Ho, Wo, kh*kw*Cin], (i, j, c) order = the kernel's HWI order
+    out = jnp.dot(patches.reshape(b * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout), precision=precision)
+    return out.reshape(b, ho, wo, cout)
 
 
 class ResnetBlock2D(nn.Module):
