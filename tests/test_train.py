@@ -102,6 +102,31 @@ def test_image_folder_dataset(tmp_path):
         data.load_dataset("imagenet", 10, 32)
 
 
+def test_hf_dataset_through_datasets_load_dataset(tmp_path, monkeypatch):
+    """The 'hf:' path runs datasets.load_dataset for real, on a local folder (no network): images + metadata."""
+    pytest.importorskip("datasets")
+    import json
+
+    from PIL import Image
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "ds"
+    root.mkdir()
+    rows = [("a.png", "red", "a red square"), ("b.png", "blue", "a blue circle"), ("c.png", "lime", "a green one")]
+    for name, color, _ in rows:
+        Image.new("RGB", (40, 40), color).save(root / name)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "text": t}) + "\n" for f, _, t in rows))
+    ds = data.load_dataset(f"hf:{root}", 2, 32)
+    assert ds.images.shape == (2, 32, 32, 3) and ds.images.dtype == np.uint8
+    assert sorted(ds.captions) == ["a blue circle", "a red square"]
+    train, held = data.train_and_eval(f"hf:{root}", 2, 1, 32, seed=0)
+    assert len(train) == 2 and len(held) == 1
+    with pytest.raises(data.DataError, match="no column 'caption'"):
+        data.hf_dataset(str(root), 32, caption_column="caption")
+    with pytest.raises(data.DataError, match="cannot load split"):
+        data.hf_dataset(str(tmp_path / "missing"), 32)
+
+
 def test_tokenizer_is_clip_format(tmp_path):
     from transformers import CLIPTokenizer
 

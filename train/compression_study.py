@@ -4,7 +4,8 @@
 
 For each f: a short timing run measures steps/s of each stage, the step counts are set so that each stage
 fits its budget, both stages are trained, and the model is evaluated (PSNR, stage-2 images/s, FD,
-color/shape adherence at guidance 5). Writes results.json, a table and a plot (docs/compression.md).
+color/shape adherence at guidance 5). Writes OUT/results.json (resumable: finished factors are skipped) and
+a table + plot (--report, e.g. docs/compression.md, whose text above `<!-- results -->` is kept).
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ def write_report(results: dict, md_path: Path, png_path: Path, note: str = "") -
         lines.append(f"| {r['f']} | {'x'.join(map(str, r['latent_shape']))} | {r['ae_steps']} | {r['psnr_db']:.2f} | "
                      f"{r['ldm_steps']} | {r['ldm_images_per_s']:.0f} | {r['ldm_final_loss']:.4f} | {r['fd']:.2f} | "
                      f"{r['fd_real_vs_real']:.2f} | {r['color_acc']:.1%} | {r['shape_acc']:.1%} |")
-    md_path.write_text(md_path.read_text().split("<!-- results -->")[0] + "<!-- results -->\n\n" + "\n".join(lines)
-                       + f"\n\n![compression study]({png_path.name})\n\n{note}\n" if md_path.is_file() else
-                       "\n".join(lines) + "\n")
+    table = "\n".join(lines) + f"\n\n![compression study]({png_path.name})\n"
+    head = md_path.read_text().split("<!-- results -->")[0] if md_path.is_file() else "# Compression factor study\n\n"
+    md_path.write_text(head + "<!-- results -->\n\n" + table + (f"\n{note}\n" if note else ""))
 
 
 def main(argv=None):
@@ -109,9 +110,11 @@ def main(argv=None):
     parser.add_argument("--ldm-seconds", type=float, default=300)
     parser.add_argument("--per-caption", type=int, default=2)
     parser.add_argument("--classifier-dir", default="runs/shapes_classifier")
+    parser.add_argument("--report", default=None, help="markdown table (+ .png plot) to write; default OUT/compression.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.report = args.report or str(out / "compression.md")
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for f in args.factors:
@@ -120,6 +123,9 @@ def main(argv=None):
         results[str(f)] = run(f, out, args.ae_seconds, args.ldm_seconds, args.per_caption, args.classifier_dir)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results[str(f)]), flush=True)
+    md, png = Path(args.report), Path(args.report).with_suffix(".png")
+    write_report(results, md, png)
+    print(f"wrote {md} and {png}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def image_folder_dataset(folder, image_size: int = 32, n: int | None = None) -> 
 
 def hf_dataset(name: str, image_size: int = 32, n: int | None = None, split: str = "train",
                image_column: str = "image", caption_column: str = "text") -> ImageDataset:
-    """A Hugging Face `datasets` dataset (needs the network the first time; not tested offline)."""
+    """A Hugging Face `datasets` dataset: a hub name (needs the network the first time, then its cache) or a
+    local folder `datasets` can read (e.g. images + metadata.jsonl with a "text" column)."""
     try:
         import datasets
     except ImportError:
@@ -159,7 +160,14 @@ def hf_dataset(name: str, image_size: int = 32, n: int | None = None, split: str
 
     from PIL import Image
 
-    ds = datasets.load_dataset(name, split=split)
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, unknown name, no such split: datasets' own message, with ours around it
+        raise DataError(f"hf:{name}: cannot load split {split!r} with datasets.load_dataset: "
+                        f"{type(e).__name__}: {e}") from None
+    for column in (image_column, caption_column):
+        if column not in ds.column_names:
+            raise DataError(f"hf:{name}: no column {column!r} (columns: {', '.join(ds.column_names)})")
     if n is not None:
         ds = ds.select(range(min(n, len(ds))))
     images, captions = [], []
@@ -171,7 +179,9 @@ def hf_dataset(name: str, image_size: int = 32, n: int | None = None, split: str
         im.convert("RGB").save(buf, format="PNG")
         buf.seek(0)
         images.append(load_image(buf, image_size))
-        captions.append(str(row.get(caption_column, "")))
+        captions.append(str(row[caption_column]))
+    if not images:
+        raise DataError(f"hf:{name}: split {split!r} has no rows")
     return ImageDataset(np.stack(images), captions)
 
 

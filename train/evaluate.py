@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import flax.linen as nn
@@ -99,8 +100,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(sa @ sb, disp=False)
-    covmean = covmean.real
+    with warnings.catch_warnings():  # singular when features outnumber images; FID ignores that too
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = np.real(linalg.sqrtm(sa @ sb))
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
 
 

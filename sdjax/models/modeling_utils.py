@@ -193,9 +193,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
     try:
         out = {}
-        with safe_open(str(path), framework="flax") as f:
+        with safe_open(str(path), framework="numpy") as f:  # host arrays; no device round trip
             for k in f.keys():
-                out[k] = np.asarray(f.get_tensor(k))
+                out[k] = f.get_tensor(k)
         return out
     except Exception as e:
         raise WeightsError(f"cannot read safetensors file {path}: {type(e).__name__}: {e} "
