@@ -84,6 +84,8 @@ def write_report(results: dict, md_path: Path, png_path: Path, note: str = "") -
             ax.plot(fs, [r["shape_acc"] for r in rows], "s-", label="shape")
             ax.legend()
         ax.set_xscale("log", base=2)
+        if key in ("ldm_images_per_s", "fd"):
+            ax.set_yscale("log")
         ax.set_xticks(fs, [str(f) for f in fs])
         ax.set_xlabel("downsampling factor f")
         ax.set_title(label)
