@@ -13,8 +13,10 @@ Each model adds only a few key renames of its own (old attention names, the text
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -122,17 +124,23 @@ class ConversionReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
 
-def torch_to_flax(state_dict: dict[str, np.ndarray], expected: dict, renames=(), ignored=()):
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=(), ignored=(),
+                  materialize: Callable[[np.ndarray], Any] = np.asarray, max_workers: int = 1):
     """Convert a PyTorch-named state dict into a Flax params tree shaped like `expected`.
 
+    state_dict: key -> array; any Mapping, read one key at a time (e.g. `SafetensorsFiles`, which reads
+        a tensor only when asked), so a checkpoint never has to be in memory twice.
     expected: params tree of shapes (e.g. from `jax.eval_shape(model.init_weights, key)`).
     renames: (regex, replacement) pairs applied to every key first; ignored: regexes of keys to drop.
+    materialize: applied to each converted (possibly transposed) view, e.g. `jnp.asarray` to place it on
+        the device; max_workers threads run the reads, layout changes and copies (numpy and safetensors
+        release the GIL, so this is parallel).
     Returns (params, report); the caller decides how strict to be.
     """
     want = flat_params(expected)
-    params: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched, seen = [], [], set()
-    for raw_key, tensor in state_dict.items():
+    jobs: dict[tuple[str, ...], tuple[str, LeafRule]] = {}
+    unexpected = []
+    for raw_key in state_dict.keys():  # match by names and ranks only: nothing is read yet
         key = rename_key(raw_key, renames)
         if any(re.search(p, key) for p in ignored):
             continue
@@ -143,17 +151,29 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], expected: dict, renames=(),
             target = want.get(path)
             if target is None or (rule.flax_ndim is not None and len(target.shape) != rule.flax_ndim):
                 continue
-            seen.add(path)
-            value = rule.to_flax(np.asarray(tensor))
-            if tuple(value.shape) != tuple(target.shape):
-                expected_torch = tuple(rule.to_torch(np.empty(target.shape, dtype=np.uint8)).shape)
-                mismatched.append((raw_key, tuple(np.shape(tensor)), expected_torch))
-            else:
-                params[path] = value
+            jobs[path] = (raw_key, rule)
             break
         else:
             unexpected.append(raw_key)
-    missing = [_display_key(p, want[p]) for p in want if p not in seen]
+
+    def convert_one(item):
+        path, (raw_key, rule) = item
+        tensor = state_dict[raw_key]
+        value = rule.to_flax(np.asarray(tensor))
+        target = want[path]
+        if tuple(value.shape) != tuple(target.shape):
+            expected_torch = tuple(rule.to_torch(np.empty(target.shape, dtype=np.uint8)).shape)
+            return path, None, (raw_key, tuple(np.shape(tensor)), expected_torch)
+        return path, materialize(value), None
+
+    if max_workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers) as pool:
+            results = list(pool.map(convert_one, jobs.items()))
+    else:
+        results = [convert_one(item) for item in jobs.items()]
+    params = {path: value for path, value, bad in results if bad is None}
+    mismatched = [bad for _, _, bad in results if bad is not None]
+    missing = [_display_key(p, want[p]) for p in want if p not in jobs]
     return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), mismatched)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -113,23 +114,33 @@ class FlaxModelMixin:
             raise WeightsError(f"no config.json in {folder} (has: {_listing(folder)})")
         config = read_json(config_path)
         model = cls.from_config(config, dtype=dtype, source=str(config_path))
-        params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant)
         param_dtype = dtype if param_dtype is None else param_dtype
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
+        params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant,
+                                   materialize=lambda x: jnp.asarray(x, dtype=param_dtype))
         return model, params
 
-    def load_params(self, folder: Path, allow_pickle: bool = False, variant: str | None = None) -> dict:
-        """Read the weights in `folder` into a params tree for this module (strict)."""
+    def load_params(self, folder: Path, allow_pickle: bool = False, variant: str | None = None,
+                    materialize=np.asarray) -> dict:
+        """Read the weights in `folder` into a params tree for this module (strict).
+
+        materialize: applied to each converted host array (from_pretrained: `jnp.asarray(x, dtype)`).
+        Safetensors are read tensor by tensor on LOAD_THREADS threads, never all at once.
+        """
         expected = self.param_shapes()
         kind, files = find_weights(folder, allow_pickle=allow_pickle, variant=variant)
         if kind == "msgpack":
             tree = _read_msgpack(files[0])
             params, report = convert.legacy_flax_to_flax(tree, expected, self._key_renames, self._ignored_keys)
+            params = jax.tree_util.tree_map(materialize, params)
         else:
-            state = {}
-            for f in files:
-                state.update(read_safetensors(f) if kind == "safetensors" else _read_pickle(f))
-            params, report = convert.torch_to_flax(state, expected, self._key_renames, self._ignored_keys)
+            if kind == "safetensors":
+                state = SafetensorsFiles(files)
+            else:
+                state = {}
+                for f in files:
+                    state.update(_read_pickle(f))
+            params, report = convert.torch_to_flax(state, expected, self._key_renames, self._ignored_keys,
+                                                   materialize=materialize, max_workers=LOAD_THREADS)
         if not report.ok:
             raise WeightsError(_mismatch_message(type(self).__name__, files, report, n_expected=len(convert.flat_params(expected))))
         return params
@@ -188,18 +199,46 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+# Threads that read and convert tensors while loading (layout changes are strided copies; 2 threads halve
+# SD 1.5's UNet load on a 2-core CPU, see BENCHMARKS.md).
+LOAD_THREADS = min(8, os.cpu_count() or 1)
 
-    try:
-        out = {}
-        with safe_open(str(path), framework="numpy") as f:  # host arrays; no device round trip
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
-    except Exception as e:
-        raise WeightsError(f"cannot read safetensors file {path}: {type(e).__name__}: {e} "
-                           "(truncated or corrupt download? delete it and fetch it again)") from None
+
+def _unreadable(path, e) -> WeightsError:
+    return WeightsError(f"cannot read safetensors file {path}: {type(e).__name__}: {e} "
+                        "(truncated or corrupt download? delete it and fetch it again)")
+
+
+class SafetensorsFiles(Mapping):
+    """The tensors of one or more safetensors files as a read-only mapping; a tensor is read (as a numpy
+    array, from the memory-mapped file) only when it is looked up."""
+
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        self._handles, self._where = [], {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="numpy")
+                keys = list(handle.keys())
+            except Exception as e:
+                raise _unreadable(path, e) from None
+            self._handles.append((path, handle))
+            for k in keys:
+                self._where[k] = len(self._handles) - 1
+
+    def __getitem__(self, key):
+        path, handle = self._handles[self._where[key]]
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise _unreadable(path, e) from None
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
 
 
 def find_weights(folder: Path, allow_pickle: bool = False, variant: str | None = None):
