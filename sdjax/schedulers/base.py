@@ -328,6 +328,7 @@ class Scheduler:
         given.update(overrides)
         cfg = validate_config(cls.name, cls.DEFAULTS, cls.ALLOWED, given)
         cfg["_class_name"] = cls.diffusers_class
+        check_one_sigma_schedule(cls.name, cfg)  # a no-op for schedulers without sigma-schedule keys
         cls._check_config(cfg)
         betas = make_betas(cfg, cls.name)
         alphas_cumprod = cumprod_f32(F32(1.0) - betas)

@@ -21,7 +21,6 @@ from .base import (
     TIMESTEP_SPACINGS,
     ConfigError,
     Scheduler,
-    check_one_sigma_schedule,
     clip_or_threshold,
     exponential_sigmas,
     karras_sigmas,
@@ -68,7 +67,6 @@ class DPMSolverPP2MScheduler(Scheduler):
 
     @classmethod
     def _check_config(cls, cfg):
-        check_one_sigma_schedule(cls.name, cfg)
         if not isinstance(cfg["flow_shift"], (int, float)) or isinstance(cfg["flow_shift"], bool):
             raise ConfigError(f"{cls.name} scheduler: flow_shift={cfg['flow_shift']!r} must be a float")
 

@@ -14,7 +14,6 @@ from .base import (
     SIGMA_KEYS_ALLOWED,
     TIMESTEP_SPACINGS,
     SigmaScheduler,
-    check_one_sigma_schedule,
     finish_sigmas,
     input_scale,
     take,
@@ -54,10 +53,6 @@ class EulerScheduler(SigmaScheduler):
         interpolation_type=("linear",), timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
         **SIGMA_KEYS_ALLOWED,
     )
-
-    @classmethod
-    def _check_config(cls, cfg):
-        check_one_sigma_schedule(cls.name, cfg)
 
     @classmethod
     def _patch_alphas_cumprod(cls, cfg, alphas_cumprod):

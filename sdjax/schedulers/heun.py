@@ -17,7 +17,6 @@ from .base import (
     SIGMA_KEYS_ALLOWED,
     TIMESTEP_SPACINGS,
     SigmaScheduler,
-    check_one_sigma_schedule,
     clip_or_threshold,
     input_scale,
     take,
@@ -53,10 +52,6 @@ class HeunScheduler(SigmaScheduler):
         beta_schedule=BETA_SCHEDULES, prediction_type=PREDICTION_TYPES, timestep_spacing=TIMESTEP_SPACINGS,
         **SIGMA_KEYS_ALLOWED,
     )
-
-    @classmethod
-    def _check_config(cls, cfg):
-        check_one_sigma_schedule(cls.name, cfg)
 
     def set_timesteps(self, num_inference_steps, shape=None, dtype=jnp.float32):
         n = self._check_steps(num_inference_steps)

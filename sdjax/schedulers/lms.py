@@ -20,7 +20,6 @@ from .base import (
     SIGMA_KEYS_ALLOWED,
     TIMESTEP_SPACINGS,
     SigmaScheduler,
-    check_one_sigma_schedule,
     finish_sigmas,
     input_scale,
     take,
@@ -74,10 +73,6 @@ class LMSScheduler(SigmaScheduler):
         beta_schedule=BETA_SCHEDULES, prediction_type=PREDICTION_TYPES, timestep_spacing=TIMESTEP_SPACINGS,
         **SIGMA_KEYS_ALLOWED,
     )
-
-    @classmethod
-    def _check_config(cls, cfg):
-        check_one_sigma_schedule(cls.name, cfg)
 
     def set_timesteps(self, num_inference_steps, shape=None, dtype=jnp.float32):
         n = self._check_steps(num_inference_steps)
