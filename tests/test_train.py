@@ -166,6 +166,44 @@ def test_resume_with_changed_config_is_refused(trained_ae):
         autoencoder.train_and_evaluate(changed, workdir, progress=False)
 
 
+def test_config_of_a_run_without_checkpoint_is_replaced(tmp_path):
+    from train.checkpointing import check_or_write_config
+
+    a, b = {"num_steps": 10, "dataset": "folder:/typo"}, {"num_steps": 10, "dataset": "shapes"}
+    check_or_write_config(tmp_path, a, resumable=False)
+    check_or_write_config(tmp_path, b, resumable=False)  # nothing to resume: the fixed config replaces it
+    assert json.loads((tmp_path / "config.json").read_text()) == b
+    check_or_write_config(tmp_path, b, resumable=True)
+    with pytest.raises(ConfigError, match=r"different config.*dataset: 'shapes' -> 'folder:/typo'"):
+        check_or_write_config(tmp_path, a, resumable=True)
+
+
+def run_module(*args):
+    env = dict(os.environ, XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (("train.autoencoder", "--config", "configs/nope.py", "--workdir", tmp_path / "w1"),
+         "train.autoencoder: error: config file not found: configs/nope.py"),
+        (("train.ldm", "--config", "configs/shapes_ldm.py", "--workdir", tmp_path / "w2", "--set", "num_stepz=3"),
+         "train.ldm: error: unknown config key(s) in configs/shapes_ldm.py: 'num_stepz'"),
+        (("train.autoencoder", "--config", "configs/shapes_autoencoder.py", "--workdir", tmp_path / "w3",
+          "--set", f"dataset=folder:{empty}"), "train.autoencoder: error: no images"),
+        (("train.export", "--workdir", tmp_path / "nowhere", "--out", tmp_path / "p"),
+         f"train.export: error: {tmp_path / 'nowhere'} is not a stage-2 workdir"),
+    ]
+    for args, message in cases:
+        r = run_module(*args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    assert not (tmp_path / "p").exists()
+
+
 # ---------------------------------------------------------------------- stage 1
 def test_autoencoder_trains_and_sets_scaling_factor(trained_ae):
     workdir, cfg, summary = trained_ae
@@ -279,7 +317,11 @@ def test_export_command_writes_the_ema_weights(trained_ldm, tmp_path):
     from sdjax.models.unet_2d_condition import UNet2DConditionModel
 
     workdir = trained_ldm[0]
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "stale.txt").write_text("from an earlier export")
     out = export_from_workdir(workdir, tmp_path / "p")
     _, p1 = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     _, p2 = UNet2DConditionModel.from_pretrained(workdir / "pipeline", subfolder="unet")
     assert tree_equal(p1, p2)
+    # the folder was replaced as a whole, and nothing of the swap is left beside it
+    assert not (out / "stale.txt").exists() and os.listdir(tmp_path) == ["p"]

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ from sdjax.models.autoencoder_kl import AutoencoderKL
 from . import data as data_lib
 from . import parallel
 from .checkpointing import Checkpointer, check_or_write_config
+from .cli import run
 from .config import load_config, to_jsonable
 from .loop import restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
@@ -188,13 +190,13 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
 
     until_step: stop there (checkpointed unless final_save=False, which simulates a kill); rerun to go on."""
     workdir = Path(workdir)
-    check_or_write_config(workdir, to_jsonable(cfg))
+    ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
+    check_or_write_config(workdir, to_jsonable(cfg), resumable=ckpt.latest_step() is not None)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(cfg.batch_size, mesh)
     train_ds, eval_ds = data_lib.train_and_eval(cfg.dataset, cfg.num_train_images, cfg.num_eval_images,
                                                 cfg.image_size, cfg.data_seed)
     vae = make_vae(cfg)
-    ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
     state, start = restore_or_init(ckpt, lambda: create_train_state(cfg, vae), mesh)
     log = MetricsLog(workdir / "metrics.jsonl", start)
 
@@ -235,4 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, "train.autoencoder"))

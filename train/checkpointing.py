@@ -2,7 +2,8 @@
 
 The run's config is written next to the checkpoints (config.json) when the run starts; a later run in
 the same workdir resumes from the newest complete checkpoint only if its config is the same, otherwise
-it stops with the list of changed keys. A run killed mid-save leaves an incomplete step that Orbax
+it stops with the list of changed keys. A workdir with no checkpoint yet has nothing to resume (a run
+that stopped on bad input, say): its config is replaced by the new one. A run killed mid-save leaves an incomplete step that Orbax
 ignores: the previous checkpoint is used.
 """
 
@@ -16,23 +17,28 @@ import jax
 import orbax.checkpoint as ocp
 
 from sdjax.errors import ConfigError
+from sdjax.models.modeling_utils import write_json
 
 from .config import config_changes
 
 logger = logging.getLogger(__name__)
 
 
-def check_or_write_config(workdir: Path, config: dict) -> None:
+def check_or_write_config(workdir: Path, config: dict, resumable: bool) -> None:
+    """Refuse to resume a checkpointed run with another config; otherwise (re)write workdir/config.json.
+
+    resumable: the workdir has a checkpoint that this run will continue from."""
     path = Path(workdir) / "config.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        changes = config_changes(saved, config)
-        if changes:
-            raise ConfigError(f"{workdir} holds a run with a different config; refusing to resume it with "
-                              f"this one. Changed: {'; '.join(changes)}. Use another --workdir, or the same config.")
-    else:
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    changes = config_changes(saved, config) if saved is not None else []
+    if changes and resumable:
+        raise ConfigError(f"{workdir} holds a run with a different config; refusing to resume it with "
+                          f"this one. Changed: {'; '.join(changes)}. Use another --workdir, or the same config.")
+    if changes:
+        logger.warning("%s has no checkpoint yet: its earlier config is replaced (%s)", workdir, "; ".join(changes))
+    if saved is None or changes:
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2) + "\n")
+        write_json(path, config)
 
 
 class Checkpointer:

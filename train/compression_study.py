@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from . import autoencoder, evaluate, ldm
+from .cli import run
 from .config import build_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, "train.compression_study"))

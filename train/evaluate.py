@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ import optax
 from flax import serialization
 
 from . import data as data_lib
+from .cli import run
 
 logger = logging.getLogger(__name__)
 HEADS = (("color", len(data_lib.COLORS)), ("shape", len(data_lib.SHAPES)), ("background", len(data_lib.BACKGROUNDS)))
@@ -190,4 +192,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, "train.evaluate"))

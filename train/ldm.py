@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -37,6 +38,7 @@ from . import data as data_lib
 from . import parallel
 from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config
+from .cli import run
 from .config import load_config, to_jsonable
 from .loop import restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
@@ -218,9 +220,10 @@ def cached_latents(workdir: Path, vae, vae_params, ds) -> tuple[np.ndarray, np.n
     return mean, std
 
 
-def setup_tokenizer(workdir: Path, captions, model_max_length: int):
+def setup_tokenizer(workdir: Path, captions, model_max_length: int, rebuild: bool = False):
+    """The run's tokenizer: built from the captions when the run starts (rebuild), reused when it resumes."""
     folder = workdir / "tokenizer"
-    if not (folder / "vocab.json").is_file():
+    if rebuild or not (folder / "vocab.json").is_file():
         tokenizer_lib.build_clip_tokenizer(sorted(set(captions)), folder, model_max_length)
     return tokenizer_lib.load(folder)
 
@@ -230,20 +233,21 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
                        export: bool = True) -> dict:
     check_config(cfg)
     workdir = Path(workdir)
-    check_or_write_config(workdir, to_jsonable(cfg))
+    ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
+    resumable = ckpt.latest_step() is not None
+    check_or_write_config(workdir, to_jsonable(cfg), resumable)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(cfg.batch_size, mesh)
 
     vae, vae_params = load_autoencoder(cfg.autoencoder_dir)
     ds = data_lib.load_dataset(cfg.dataset, cfg.num_train_images, cfg.image_size, cfg.data_seed)
-    tokenizer = setup_tokenizer(workdir, ds.captions, cfg.model_max_length)
+    tokenizer = setup_tokenizer(workdir, ds.captions, cfg.model_max_length, rebuild=not resumable)
     text_encoder, unet = make_models(cfg, vae, tokenizer)
     input_ids = tokenizer_lib.encode(tokenizer, ds.captions)
     empty_ids = jnp.asarray(tokenizer_lib.encode(tokenizer, [""])[0])
     lat_mean, lat_std = cached_latents(workdir, vae, vae_params, ds)
     noise_sched = DDPMScheduler.from_config(noise_schedule_config(cfg))
 
-    ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
     state, start = restore_or_init(ckpt, lambda: create_train_state(cfg, text_encoder, unet), mesh)
     log = MetricsLog(workdir / "metrics.jsonl", start)
 
@@ -286,4 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, "train.ldm"))
