@@ -1,6 +1,7 @@
-"""The paper's compression-factor study at toy scale: f in {1, 2, 4, 8}, the same wall-clock budget each.
+"""The paper's compression-factor study at toy scale: f in {1, 2, 4, 8} (16 at 64x64), the same wall-clock each.
 
     python -m train.compression_study --out runs/compression --ae-seconds 150 --ldm-seconds 300
+    python -m train.compression_study --out runs/compression_64 --image-size 64 --factors 4 8 16
 
 For each f: a short timing run measures steps/s of each stage, the step counts are set so that each stage
 fits its budget, both stages are trained, and the model is evaluated (PSNR, stage-2 images/s, FD,
@@ -19,9 +20,10 @@ from pathlib import Path
 from . import autoencoder, evaluate, ldm
 from .cli import run
 from .config import build_config, load_config
+from .data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDTHS = {1: [16], 2: [16, 32], 4: [16, 32, 64], 8: [16, 32, 64, 64]}
+WIDTHS = {1: [16], 2: [16, 32], 4: [16, 32, 64], 8: [16, 32, 64, 64], 16: [16, 32, 64, 64, 64]}  # VAE blocks
 
 
 def steps_per_second(train_fn, cfg_schema, base: dict, workdir: Path, probe_steps: int = 15) -> float:
@@ -32,9 +34,10 @@ def steps_per_second(train_fn, cfg_schema, base: dict, workdir: Path, probe_step
     return probe_steps / summary["train_seconds_this_run"]
 
 
-def run(f: int, out: Path, ae_seconds: float, ldm_seconds: float, per_caption: int, classifier_dir: str) -> dict:
+def run_factor(f: int, out: Path, ae_seconds: float, ldm_seconds: float, per_caption: int, classifier_dir: str,
+               image_size: int = 32) -> dict:
     ae_base = load_config(autoencoder.Config, ROOT / "configs" / "shapes_autoencoder.py")
-    ae_over = {"vae": dict(ae_base.vae, block_out_channels=WIDTHS[f]), "checkpoint_every": 0}
+    ae_over = {"vae": dict(ae_base.vae, block_out_channels=WIDTHS[f]), "checkpoint_every": 0, "image_size": image_size}
     ae_vals = {k: v for k, v in vars(ae_base).items()} | ae_over
     # timing probe (steps are restarted from scratch in a fresh workdir afterwards)
     import shutil
@@ -50,7 +53,7 @@ def run(f: int, out: Path, ae_seconds: float, ldm_seconds: float, per_caption: i
     ae_time = time.time() - t0
 
     ldm_base = load_config(ldm.Config, ROOT / "configs" / "shapes_ldm.py")
-    ldm_vals = vars(ldm_base) | {"autoencoder_dir": str(ae_dir), "checkpoint_every": 0}
+    ldm_vals = vars(ldm_base) | {"autoencoder_dir": str(ae_dir), "checkpoint_every": 0, "image_size": image_size}
     sps = steps_per_second(lambda c, w, **k: ldm.train_and_evaluate(c, w, export=False, **k), ldm.Config,
                               ldm_vals, probe / "ldm")
     ldm_steps = max(50, int(sps * ldm_seconds))
@@ -62,7 +65,7 @@ def run(f: int, out: Path, ae_seconds: float, ldm_seconds: float, per_caption: i
     ev = evaluate.evaluate(ldm_dir / "pipeline", classifier_dir, guidance=5.0, steps=25, per_caption=per_caption,
                            out_dir=out / f"f{f}_eval")
     shutil.rmtree(probe, ignore_errors=True)
-    return {"f": f, "latent_shape": [4, 32 // f, 32 // f], "ae_steps": ae_steps, "ae_seconds": ae_time,
+    return {"f": f, "image_size": image_size, "latent_shape": [4, image_size // f, image_size // f], "ae_steps": ae_steps, "ae_seconds": ae_time,
             "psnr_db": ae_summary["psnr_db"], "ldm_steps": ldm_steps, "ldm_seconds": ldm_time,
             "ldm_images_per_s": ldm_summary["images_per_s_this_run"], "ldm_final_loss": ldm_summary["final_loss_mean_last_5_logs"],
             "fd": ev["fd_generated_vs_real"], "fd_real_vs_real": ev["fd_real_vs_real"],
@@ -109,7 +112,8 @@ def write_report(results: dict, md_path: Path, png_path: Path, note: str = "") -
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/compression")
-    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8], choices=sorted(WIDTHS))
+    parser.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="shapes images (64: f up to 16)")
     parser.add_argument("--ae-seconds", type=float, default=150)
     parser.add_argument("--ldm-seconds", type=float, default=300)
     parser.add_argument("--per-caption", type=int, default=2)
@@ -122,9 +126,17 @@ def main(argv=None):
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for f in args.factors:
-        if str(f) in results:
+        if args.image_size // f < 2:
+            raise DataError(f"f={f} leaves {args.image_size // f}x{args.image_size // f} latents of "
+                            f"{args.image_size}x{args.image_size} images; the UNet needs at least 2x2 (use --image-size 64)")
+        done = results.get(str(f))
+        if done is not None and done.get("image_size", 32) != args.image_size:
+            raise DataError(f"{results_path} holds f={f} at {done.get('image_size', 32)}x{done.get('image_size', 32)}; "
+                            f"use another --out for --image-size {args.image_size}")
+        if done is not None:
             continue
-        results[str(f)] = run(f, out, args.ae_seconds, args.ldm_seconds, args.per_caption, args.classifier_dir)
+        results[str(f)] = run_factor(f, out, args.ae_seconds, args.ldm_seconds, args.per_caption,
+                                     args.classifier_dir, args.image_size)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results[str(f)]), flush=True)
     md, png = Path(args.report), Path(args.report).with_suffix(".png")
