@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import SdjaxError
+from .errors import SdjaxError, exit_code
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
 
@@ -133,15 +133,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    try:
-        args.func(args)
-    except SdjaxError as e:
-        print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sdjax {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(lambda: args.func(args), f"sdjax {args.command}")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sdjax.errors import exit_code
 from sdjax.models.autoencoder_kl import AutoencoderKL
 
 from . import data as data_lib
 from . import parallel
 from .checkpointing import Checkpointer, check_or_write_config
-from .cli import run
 from .config import load_config, to_jsonable
 from .loop import restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
@@ -237,4 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, "train.autoencoder"))
+    sys.exit(exit_code(main, "train.autoencoder"))

@@ -3,8 +3,8 @@
 The run's config is written next to the checkpoints (config.json) when the run starts; a later run in
 the same workdir resumes from the newest complete checkpoint only if its config is the same, otherwise
 it stops with the list of changed keys. A workdir with no checkpoint yet has nothing to resume (a run
-that stopped on bad input, say): its config is replaced by the new one. A run killed mid-save leaves an incomplete step that Orbax
-ignores: the previous checkpoint is used.
+that stopped on bad input, say): its config is replaced by the new one. A run killed mid-save leaves an
+incomplete step that Orbax ignores: the previous checkpoint is used.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from sdjax.errors import ConfigError, exit_code
+
 from . import autoencoder, evaluate, ldm
-from .cli import run
 from .config import build_config, load_config
-from .data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = {1: [16], 2: [16, 32], 4: [16, 32, 64], 8: [16, 32, 64, 64], 16: [16, 32, 64, 64, 64]}  # VAE blocks
@@ -125,15 +125,17 @@ def main(argv=None):
     args.report = args.report or str(out / "compression.md")
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    size = args.image_size
+    for f in args.factors:  # all checked before any training starts
+        if size // f < 2:
+            raise ConfigError(f"f={f} leaves {size // f}x{size // f} latents of {size}x{size} images; "
+                              f"the UNet needs at least 2x2 (use --image-size 64)")
+        done_size = results.get(str(f), {}).get("image_size", 32)  # results from before sizes were recorded: 32
+        if str(f) in results and done_size != size:
+            raise ConfigError(f"{results_path} holds f={f} at {done_size}x{done_size}; "
+                              f"use another --out for --image-size {size}")
     for f in args.factors:
-        if args.image_size // f < 2:
-            raise DataError(f"f={f} leaves {args.image_size // f}x{args.image_size // f} latents of "
-                            f"{args.image_size}x{args.image_size} images; the UNet needs at least 2x2 (use --image-size 64)")
-        done = results.get(str(f))
-        if done is not None and done.get("image_size", 32) != args.image_size:
-            raise DataError(f"{results_path} holds f={f} at {done.get('image_size', 32)}x{done.get('image_size', 32)}; "
-                            f"use another --out for --image-size {args.image_size}")
-        if done is not None:
+        if str(f) in results:
             continue
         results[str(f)] = run_factor(f, out, args.ae_seconds, args.ldm_seconds, args.per_caption,
                                      args.classifier_dir, args.image_size)
@@ -145,4 +147,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, "train.compression_study"))
+    sys.exit(exit_code(main, "train.compression_study"))

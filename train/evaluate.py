@@ -27,8 +27,9 @@ import numpy as np
 import optax
 from flax import serialization
 
+from sdjax.errors import exit_code
+
 from . import data as data_lib
-from .cli import run
 
 logger = logging.getLogger(__name__)
 HEADS = (("color", len(data_lib.COLORS)), ("shape", len(data_lib.SHAPES)), ("background", len(data_lib.BACKGROUNDS)))
@@ -192,4 +193,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, "train.evaluate"))
+    sys.exit(exit_code(main, "train.evaluate"))

@@ -19,9 +19,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from sdjax.errors import ConfigError
+from sdjax.errors import ConfigError, exit_code
 
-from .cli import run
 
 
 def export_pipeline(out_dir, cfg, text_encoder, unet, ema_params, vae, vae_params, tokenizer, dtype=jnp.float32):
@@ -94,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, "train.export"))
+    sys.exit(exit_code(main, "train.export"))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sdjax.errors import ConfigError
+from sdjax.errors import ConfigError, exit_code
 from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.models.unet_2d_condition import UNet2DConditionModel
@@ -38,7 +38,6 @@ from . import data as data_lib
 from . import parallel
 from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config
-from .cli import run
 from .config import load_config, to_jsonable
 from .loop import restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
@@ -290,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, "train.ldm"))
+    sys.exit(exit_code(main, "train.ldm"))
