@@ -57,7 +57,7 @@ def build_sd15_folder(folder: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.tiny_pipeline import write_tiny_tokenizer
+    from sdjax.testing import write_tiny_tokenizer
 
     torch.manual_seed(seed)
     tmp = folder.with_name(folder.name + ".partial")
@@ -88,7 +88,7 @@ def model_folder(config: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     if config == "tiny":
-        from tests.tiny_pipeline import build_tiny_pipeline
+        from sdjax.testing import build_tiny_pipeline
 
         tmp = CACHE / "tiny.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +122,7 @@ def oldflax_folder(config: str) -> Path:
             sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
         torch.save(sd, tmp / sub / f"{name}.bin")
     # transformers 5 wrote only tokenizer.json; transformers 4.57's CLIPTokenizer (slow) wants vocab.json + merges.txt
-    from tests.tiny_pipeline import write_tiny_tokenizer
+    from sdjax.testing import write_tiny_tokenizer
 
     shutil.rmtree(tmp / "_tok", ignore_errors=True)
     write_tiny_tokenizer(tmp / "_tok", max_length=77)

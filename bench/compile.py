@@ -40,7 +40,7 @@ import common  # noqa: E402
 def _pipe(folder):
     import jax.numpy as jnp
 
-    from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+    from sdjax.pipelines import FlaxStableDiffusionPipeline
 
     return FlaxStableDiffusionPipeline.from_pretrained(folder, dtype=jnp.float32)
 
@@ -137,7 +137,7 @@ def child_coldstart(a):
     t_imp = time.time()
     import jax
 
-    from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+    from sdjax.pipelines import FlaxStableDiffusionPipeline
     import jax.numpy as jnp
 
     t_load = time.time()

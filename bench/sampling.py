@@ -54,7 +54,7 @@ def worker_sdjax(a, folder, latents, prompts):
     import jax
     import jax.numpy as jnp
 
-    from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+    from sdjax.pipelines import FlaxStableDiffusionPipeline
 
     t = time.perf_counter()
     pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder, dtype=jnp.float32)

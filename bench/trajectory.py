@@ -66,7 +66,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+    from sdjax.pipelines import FlaxStableDiffusionPipeline
 
     pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder, dtype=jnp.float32)
     prompts = (common.PROMPTS * a.batch)[: a.batch]

@@ -1,10 +1,33 @@
-"""Stage 1 of the shipped toy model: AutoencoderKL f=4 (32x32x3 -> 8x8x4) on 'shapes'."""
+"""Stage 1 of the shipped toy model: AutoencoderKL f=4 (32x32x3 -> 8x8x4) on 'shapes'.
+
+Every key of `sdjax.train.autoencoder.Config` is here: configs are the only place defaults live.
+"""
 
 
 def get_config():
     return dict(
-        dataset="shapes", image_size=32, num_train_images=12000, num_eval_images=256, data_seed=0,
+        # data
+        dataset="shapes",          # "shapes" | "folder:PATH" | "hf:NAME"
+        image_size=32,
+        num_train_images=12000,
+        num_eval_images=256,
+        data_seed=0,
+        # AutoencoderKL config keys; f = 2 ** (len(block_out_channels) - 1)
         vae=dict(block_out_channels=[16, 32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=8),
-        seed=0, batch_size=32, num_steps=1000, learning_rate=1e-3, warmup_steps=100, kl_weight=1e-6,
-        disc_start=None, checkpoint_every=200, keep_checkpoints=2, log_every=20,
+        # optimisation
+        seed=0,
+        batch_size=32,
+        num_steps=1000,
+        learning_rate=1e-3,
+        warmup_steps=100,
+        weight_decay=0.0,
+        kl_weight=1e-6,            # KL per image element, relative to the L1
+        disc_start=None,           # step to switch on the patch discriminator; None: no discriminator
+        disc_weight=0.1,
+        disc_learning_rate=2e-4,
+        scale_images=2048,         # training images encoded to measure the latents' std (scaling_factor = 1/std)
+        # bookkeeping
+        checkpoint_every=200,
+        keep_checkpoints=2,
+        log_every=20,
     )

@@ -1,10 +1,14 @@
-"""sdjax: Stable Diffusion in JAX/Flax."""
+"""sdjax: Stable Diffusion in JAX/Flax.
+
+Layers (imports go one way): the core (models, schedulers, pipelines, I/O) <- sdjax.viz, sdjax.train <- sdjax.cli.
+"""
 
 __version__ = "0.1.0"
 
+from .compilation import enable_compile_cache
 from .errors import ConfigError, SdjaxError, WeightsError
-from .pipeline_stable_diffusion import FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput, Trajectory
+from .pipelines import FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput, Trajectory
 from .schedulers import get_scheduler
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
-           "ConfigError", "SdjaxError", "WeightsError"]
+           "enable_compile_cache", "ConfigError", "SdjaxError", "WeightsError"]

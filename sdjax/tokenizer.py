@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import SdjaxError
 from .hub import looks_like_repo_id, resolve_folder
+from .io import listing
 
 # What a tokenizer folder may hold; repo ids download only these (never weights).
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -41,7 +42,7 @@ def find_tokenizer_folder(path_or_repo_id, subfolder: str | None = "tokenizer") 
                 # A tokenizer folder given directly: use it.
                 return root
             raise SdjaxError(f"tokenizer folder not found: {folder} (expected {EXPECTED} there; "
-                             f"{root} has: {_listing(root)})")
+                             f"{root} has: {listing(root)})")
         return folder
     if os.path.exists(name):
         raise SdjaxError(f"tokenizer path {name!r} is a file, not a folder (expected a folder with {EXPECTED})")
@@ -60,7 +61,7 @@ def load_tokenizer(path_or_repo_id, subfolder: str | None = "tokenizer"):
     """
     folder = find_tokenizer_folder(path_or_repo_id, subfolder)
     if not _has_tokenizer_files(folder):
-        raise SdjaxError(f"no tokenizer files in {folder}: expected {EXPECTED} (has: {_listing(folder)})")
+        raise SdjaxError(f"no tokenizer files in {folder}: expected {EXPECTED} (has: {listing(folder)})")
 
     from transformers import CLIPTokenizerFast
 
@@ -78,6 +79,15 @@ def _has_tokenizer_files(folder: Path) -> bool:
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
 
 
-def _listing(folder: Path) -> str:
-    names = sorted(p.name for p in Path(folder).iterdir())
-    return ", ".join(names) if names else "nothing"
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map of the 256 bytes to printable unicode characters (the first 512 tokens of a
+    CLIP vocabulary are these characters and their `</w>` forms)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .errors import SdjaxError
-from .models.modeling_utils import atomic_write, read_json, write_json
+from .io import atomic_write, read_json, remove_stale_temp_files, write_json, write_png
+from .seeds import initial_noise, loop_key, sample_seeds
 
 MANIFEST = "manifest.json"
 
@@ -38,9 +37,8 @@ def read_prompts(path) -> list[str]:
 
 
 def initial_latents(pipe, seeds, height: int, width: int) -> np.ndarray:
-    """One noise tensor per prompt, from that prompt's own seed."""
-    shape = pipe.latent_shape(1, height, width)[1:]
-    return np.stack([np.asarray(jax.random.normal(jax.random.PRNGKey(int(s)), shape, jnp.float32)) for s in seeds])
+    """One noise tensor per prompt, from that prompt's own seed (sdjax.seeds)."""
+    return initial_noise(seeds, pipe.latent_shape(1, height, width)[1:])
 
 
 def shard_name(i: int) -> str:
@@ -100,8 +98,9 @@ def run_trajectories(pipe, params, prompts: list[str], out_dir, *, batch_size: i
                 "batch_size": batch_size, "scheduler": pipe.scheduler.name, "prompts": prompts,
                 **(settings_extra or {})}
     manifest_path = out_dir / MANIFEST
-    for stale in list(out_dir.glob(".*.tmp")) + list(out_dir.glob("images/.*.tmp")):
-        stale.unlink()  # half-written files of an interrupted run (never read)
+    remove_stale_temp_files(out_dir)  # half-written files of an interrupted run (never read)
+    if (out_dir / "images").is_dir():
+        remove_stale_temp_files(out_dir / "images")
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
         changed = {k: (manifest["settings"].get(k), v) for k, v in settings.items() if manifest["settings"].get(k) != v}
@@ -126,16 +125,13 @@ def run_trajectories(pipe, params, prompts: list[str], out_dir, *, batch_size: i
             continue
         idx = list(range(b * batch_size, min((b + 1) * batch_size, len(prompts))))
         batch_prompts = [prompts[i] for i in idx]
-        seeds = [seed + i for i in idx]
-        out = pipe(pipe.prepare_inputs(batch_prompts), params, jax.random.PRNGKey(seed + 1_000_003 * (b + 1)),
+        seeds = sample_seeds(seed, idx)
+        out = pipe(pipe.prepare_inputs(batch_prompts), params, loop_key(seed, b),
                    num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                    latents=initial_latents(pipe, seeds, height, width), return_trajectory=True)
         if save_images:
-            from PIL import Image
-
             for i, img in zip(idx, np.asarray(out.images)):
-                target = out_dir / "images" / f"{i:05d}.png"
-                atomic_write(target, lambda f, img=img: Image.fromarray(np.round(img * 255).astype(np.uint8)).save(f, format="PNG"))
+                write_png(out_dir / "images" / f"{i:05d}.png", img)
         save_shard(out_dir / shard_name(b), out.trajectory, seeds, batch_prompts, settings)
         manifest["shards"].append({"index": b, "file": shard_name(b), "prompt_indices": idx})
         manifest["shards"].sort(key=lambda s: s["index"])

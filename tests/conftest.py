@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 # 8 host CPU devices for the pmap / sharding tests; must be set before jax is imported.
@@ -7,12 +8,47 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("torch", "diffusers", "transformers"))
+NO_REFERENCE = ("the PyTorch reference (torch, diffusers, transformers) is not installed: "
+                "pip install torch==2.13.0 && pip install -e '.[test]'")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "parity: compares sdjax with diffusers/transformers PyTorch (needs torch)")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (trains, or runs a subprocess)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_REFERENCE:
+        return
+    skip = pytest.mark.skip(reason=NO_REFERENCE)
+    for item in items:
+        if "parity" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
-    try:
-        import torch
-    except ImportError:  # the reference is a test extra
+    if not HAVE_REFERENCE:
         return
+    import torch
+
     torch.set_num_threads(2)
 
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A small random Stable Diffusion folder saved by diffusers (built once per test session)."""
+    if not HAVE_REFERENCE:
+        pytest.skip(NO_REFERENCE)
+    from sdjax.testing import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_folder):
+    """(pipeline, params) of `tiny_folder`, loaded once per test session."""
+    from sdjax.pipelines import FlaxStableDiffusionPipeline
+
+    return FlaxStableDiffusionPipeline.from_pretrained(tiny_folder)

@@ -13,8 +13,8 @@ from safetensors.numpy import load_file, save_file
 from sdjax.errors import ConfigError, SdjaxError, WeightsError
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.tokenizer import load_tokenizer
-from tests.reference import perturb_, rel_err
-from tests.tiny_pipeline import write_tiny_tokenizer
+from sdjax.testing import perturb_, rel_err
+from sdjax.testing import write_tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

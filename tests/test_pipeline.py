@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from sdjax import SdjaxError
-from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+from sdjax.pipelines import FlaxStableDiffusionPipeline
 
-from .reference import rel_err
-from .tiny_pipeline import build_tiny_pipeline
+from sdjax.testing import rel_err
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a red circle on the moon"]
 STEPS = 10
@@ -31,13 +30,13 @@ TORCH_SCHEDULERS = {
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+def folder(tiny_folder):
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
-def loaded(folder):
-    return FlaxStableDiffusionPipeline.from_pretrained(folder)
+def loaded(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -124,25 +123,29 @@ def _scan_lengths(jaxpr):
 
 
 def test_one_scan_and_no_recompile(loaded):
+    from sdjax.pipelines.engine import Settings, run_jit
+
     pipe, params = loaded
     steps = 7
-    static = dict(num_inference_steps=steps, height=SIZE, width=SIZE, return_trajectory=True,
-                  output_attentions=False, random_latents=True)
-    fn = pipe._compiled_generate("jit", static)
+    settings = Settings(num_inference_steps=steps, height=SIZE, width=SIZE, return_trajectory=True)
     ids = jnp.asarray(pipe.prepare_inputs(PROMPTS))
-    neg = jnp.asarray(pipe.unconditional_ids(2))
-    placeholder = jnp.zeros((2, 4, SIZE // 2, SIZE // 2))
-    jaxpr = jax.make_jaxpr(fn)(ids, params, jax.random.PRNGKey(0), jnp.float32(7.5), placeholder, neg)
-    n_calls = pipe.scheduler.set_timesteps(steps, placeholder.shape).timesteps.shape[0]
+    inputs = {"prompt_ids": ids, "neg_prompt_ids": jnp.asarray(pipe.unconditional_ids(2)),
+              "guidance_scale": jnp.full((2,), 7.5)}
+    jaxpr = jax.make_jaxpr(run_jit, static_argnums=(0, 1))(pipe, settings, inputs, params, jax.random.PRNGKey(0))
+    n_calls = pipe.scheduler.set_timesteps(steps, (2, 4, SIZE // 2, SIZE // 2)).timesteps.shape[0]
     assert _scan_lengths(jaxpr.jaxpr) == [n_calls], "the denoising loop must be exactly one scan over the steps"
 
     kw = dict(num_inference_steps=steps, height=SIZE, width=SIZE)
+    before = run_jit._cache_size()
     pipe(pipe.prepare_inputs(PROMPTS), params, jax.random.PRNGKey(0), guidance_scale=7.5, **kw)
-    size = fn._cache_size()
+    size = run_jit._cache_size()
+    assert size == before + 1, "one program for these settings"
     pipe(pipe.prepare_inputs(PROMPTS), params, jax.random.PRNGKey(0), guidance_scale=3.0, **kw)
     pipe(pipe.prepare_inputs(PROMPTS), params, jax.random.PRNGKey(42), guidance_scale=3.0, **kw)
     pipe(pipe.prepare_inputs(["a blue square", "a dog on the moon"]), params, jax.random.PRNGKey(42), **kw)
-    assert fn._cache_size() == size == 1
+    # a pipeline rebuilt from the same configs is the same static argument: no new program either
+    type(pipe).from_pipe(pipe)(pipe.prepare_inputs(PROMPTS), params, jax.random.PRNGKey(1), **kw)
+    assert run_jit._cache_size() == size
 
 
 def test_pmap_and_mesh_match_single_device(loaded):

@@ -22,7 +22,7 @@ from sdjax.schedulers import (
     get_scheduler,
     load_scheduler,
 )
-from tests.reference import rel_err
+from sdjax.testing import rel_err
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from sdjax.errors import ConfigError
-from train import autoencoder, data, ldm
-from train.checkpointing import Checkpointer
-from train.config import build_config, load_config
+from sdjax.train import autoencoder, data, ldm
+from sdjax.train.checkpointing import Checkpointer
+from sdjax.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,11 @@ TINY_LDM = dict(num_train_images=64, image_size=32, batch_size=8, num_steps=30, 
                           up_block_types=["CrossAttnUpBlock2D"], attention_head_dim=2, norm_num_groups=8),
                 text_encoder=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
                 learning_rate=1e-3, warmup_steps=1, checkpoint_every=10, keep_checkpoints=3, log_every=1)
+
+
+def tiny_config(schema, shipped: str, overrides: dict):
+    """A shipped config (the one source of defaults) with the tiny test values over it."""
+    return load_config(schema, shipped, overrides)
 
 
 def tree_equal(a, b):
@@ -52,7 +57,7 @@ def restore(module, cfg, workdir, step, *models):
 def trained_ae(tmp_path_factory):
     """A tiny stage 1 run to the end: its workdir (vae/, summary.json, metrics.jsonl)."""
     workdir = tmp_path_factory.mktemp("ae")
-    cfg = build_config(autoencoder.Config, TINY_AE)
+    cfg = tiny_config(autoencoder.Config, "shapes_autoencoder", TINY_AE)
     summary = autoencoder.train_and_evaluate(cfg, workdir, progress=False)
     return workdir, cfg, summary
 
@@ -130,7 +135,7 @@ def test_hf_dataset_through_datasets_load_dataset(tmp_path, monkeypatch):
 def test_tokenizer_is_clip_format(tmp_path):
     from transformers import CLIPTokenizer
 
-    from train.tokenizer import build_clip_tokenizer
+    from sdjax.train.tokenizer import build_clip_tokenizer
 
     captions = [c for _, c in data.all_shape_captions()]
     build_clip_tokenizer(captions, tmp_path, model_max_length=16)
@@ -150,6 +155,8 @@ def test_tokenizer_is_clip_format(tmp_path):
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'num_stepz'.*did you mean 'num_steps'"):
         load_config(autoencoder.Config, ROOT / "configs" / "shapes_autoencoder.py", ["num_stepz=3"])
+    with pytest.raises(ConfigError, match="'num_stepz'.*did you mean 'num_steps'"):
+        load_config(autoencoder.Config, "shapes_autoencoder", ["num_stepz=3"])  # by name, as installed
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text("def get_config():\n    return dict(batch_size=4, colour='red')\n")
     with pytest.raises(ConfigError, match="unknown config key.*'colour'"):
@@ -161,13 +168,13 @@ def test_config_errors(tmp_path):
 
 def test_resume_with_changed_config_is_refused(trained_ae):
     workdir, cfg, _ = trained_ae
-    changed = build_config(autoencoder.Config, TINY_AE | {"kl_weight": 1e-3})
+    changed = tiny_config(autoencoder.Config, "shapes_autoencoder", TINY_AE | {"kl_weight": 1e-3})
     with pytest.raises(ConfigError, match=r"kl_weight: 1e-06 -> 0.001"):
         autoencoder.train_and_evaluate(changed, workdir, progress=False)
 
 
 def test_config_of_a_run_without_checkpoint_is_replaced(tmp_path):
-    from train.checkpointing import check_or_write_config
+    from sdjax.train.checkpointing import check_or_write_config
 
     a, b = {"num_steps": 10, "dataset": "folder:/typo"}, {"num_steps": 10, "dataset": "shapes"}
     check_or_write_config(tmp_path, a, resumable=False)
@@ -178,27 +185,27 @@ def test_config_of_a_run_without_checkpoint_is_replaced(tmp_path):
         check_or_write_config(tmp_path, a, resumable=True)
 
 
-def run_module(*args):
+def run_sdjax(*args):
     env = dict(os.environ, XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "sdjax.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=300)
 
 
 def test_command_line_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (("train.autoencoder", "--config", "configs/nope.py", "--workdir", tmp_path / "w1"),
-         "train.autoencoder: error: config file not found: configs/nope.py"),
-        (("train.ldm", "--config", "configs/shapes_ldm.py", "--workdir", tmp_path / "w2", "--set", "num_stepz=3"),
-         "train.ldm: error: unknown config key(s) in configs/shapes_ldm.py: 'num_stepz'"),
-        (("train.autoencoder", "--config", "configs/shapes_autoencoder.py", "--workdir", tmp_path / "w3",
-          "--set", f"dataset=folder:{empty}"), "train.autoencoder: error: no images"),
-        (("train.export", "--workdir", tmp_path / "nowhere", "--out", tmp_path / "p"),
-         f"train.export: error: {tmp_path / 'nowhere'} is not a stage-2 workdir"),
+        (("train", "autoencoder", "--config", "configs/nope.py", "--workdir", tmp_path / "w1"),
+         "sdjax train autoencoder: error: config file not found: configs/nope.py"),
+        (("train", "ldm", "--config", "configs/shapes_ldm.py", "--workdir", tmp_path / "w2", "--set", "num_stepz=3"),
+         "sdjax train ldm: error: unknown config key(s) in configs/shapes_ldm.py: 'num_stepz'"),
+        (("train", "autoencoder", "--config", "configs/shapes_autoencoder.py", "--workdir", tmp_path / "w3",
+          "--set", f"dataset=folder:{empty}"), "sdjax train autoencoder: error: no images"),
+        (("train", "export", "--workdir", tmp_path / "nowhere", "--out", tmp_path / "p"),
+         f"sdjax train export: error: {tmp_path / 'nowhere'} is not a stage-2 workdir"),
     ]
     for args, message in cases:
-        r = run_module(*args)
+        r = run_sdjax(*args)
         assert r.returncode == 2, (args, r.stderr[-2000:])
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert not (tmp_path / "p").exists()
@@ -213,6 +220,7 @@ def test_autoencoder_trains_and_sets_scaling_factor(trained_ae):
     vae_cfg = json.loads((workdir / "vae" / "config.json").read_text())
     assert vae_cfg["scaling_factor"] == pytest.approx(1 / summary["latent_std"])
     assert summary["f"] == 2 and np.isfinite(summary["psnr_db"])
+    assert summary["step_compiles_this_run"] == 1, "the train step compiles once"
     assert (workdir / "loss.png").stat().st_size > 0
     # the patch discriminator is on from disc_start
     assert all(np.isfinite(r["d_loss"]) for r in rows)
@@ -221,15 +229,14 @@ def test_autoencoder_trains_and_sets_scaling_factor(trained_ae):
 
 
 def test_autoencoder_resumes_after_kill_9(tmp_path, trained_ae):
-    """A real kill -9 of `python -m train.autoencoder`; the same command goes on from the last checkpoint and
+    """A real kill -9 of `sdjax train autoencoder`; the same command goes on from the last checkpoint and
     reaches the same parameters as an uninterrupted run."""
     overrides = {**TINY_AE, "num_steps": 100000, "checkpoint_every": 3, "disc_start": None}
-    cfg = build_config(autoencoder.Config, overrides)
+    cfg = tiny_config(autoencoder.Config, "shapes_autoencoder", overrides)
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "train.autoencoder", "--workdir", str(killed), "--set"]
+    args = [sys.executable, "-m", "sdjax.cli", "train", "autoencoder", "--workdir", str(killed), "--set"]
     args += [f"{k}={v!r}" for k, v in overrides.items()]
-    proc = subprocess.Popen(args, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = killed / "checkpoints"
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:
@@ -261,13 +268,14 @@ def test_autoencoder_resumes_after_kill_9(tmp_path, trained_ae):
 def trained_ldm(trained_ae, tmp_path_factory):
     ae_dir = trained_ae[0]
     workdir = tmp_path_factory.mktemp("ldm")
-    cfg = build_config(ldm.Config, TINY_LDM | {"autoencoder_dir": str(ae_dir)})
+    cfg = tiny_config(ldm.Config, "shapes_ldm", TINY_LDM | {"autoencoder_dir": str(ae_dir)})
     summary = ldm.train_and_evaluate(cfg, workdir, progress=False)
     return workdir, cfg, summary
 
 
 def test_ldm_loss_decreases(trained_ldm):
     workdir, cfg, summary = trained_ldm
+    assert summary["step_compiles_this_run"] == 1
     assert jax.device_count() == 8  # conftest: the steps ran data-parallel over 8 host devices
     losses = [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == cfg.num_steps
@@ -279,7 +287,8 @@ def test_ldm_resume_gives_the_same_parameters(trained_ldm, tmp_path):
     # interrupted after step 13 without saving (as kill -9 does): checkpoint 10 is the newest
     ldm.train_and_evaluate(cfg, tmp_path, until_step=13, final_save=False, progress=False, export=False)
     assert Checkpointer(tmp_path, 10, 3).latest_step() == 10
-    ldm.train_and_evaluate(cfg, tmp_path, progress=False, export=False)  # the same command again
+    resumed = ldm.train_and_evaluate(cfg, tmp_path, progress=False, export=False)  # the same command again
+    assert resumed["step_compiles_this_run"] == 0, "same setup in the same process: JAX's cache, no compile"
     vae, _ = ldm.load_autoencoder(cfg.autoencoder_dir)
     models = ldm.make_models(cfg, vae, ldm.setup_tokenizer(tmp_path, [], cfg.model_max_length))
     a = restore(ldm, cfg, tmp_path, cfg.num_steps, *models)
@@ -293,7 +302,7 @@ def test_export_loads_in_sdjax_and_diffusers(trained_ldm):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+    from sdjax.pipelines import FlaxStableDiffusionPipeline
 
     folder = trained_ldm[0] / "pipeline"
     assert {p.name for p in folder.iterdir()} >= {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
@@ -312,14 +321,14 @@ def test_export_loads_in_sdjax_and_diffusers(trained_ldm):
 
 
 def test_export_command_writes_the_ema_weights(trained_ldm, tmp_path):
-    from train.export import export_from_workdir
+    from sdjax.train.ldm import export_from_workdir
 
     from sdjax.models.unet_2d_condition import UNet2DConditionModel
 
     workdir = trained_ldm[0]
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "stale.txt").write_text("from an earlier export")
-    out = export_from_workdir(workdir, tmp_path / "p")
+    out = export_from_workdir(workdir, tmp_path / "p", overwrite=True)
     _, p1 = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     _, p2 = UNet2DConditionModel.from_pretrained(workdir / "pipeline", subfolder="unet")
     assert tree_equal(p1, p2)

@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 from sdjax.errors import ConfigError
 from sdjax.models.attention import ATTENTION_PROBS
 from sdjax.models.unet_2d_condition import UNet2DConditionModel
-from tests.reference import perturb_, rel_err
+from sdjax.testing import perturb_, rel_err
 
 # Tiny configs covering the SD 1.x / 2.x switches. Each: (diffusers config, sample H=W, timesteps).
 CONFIGS = {
@@ -205,27 +205,46 @@ def test_config_round_trips():
 
 @pytest.mark.parametrize("side,stride,pad", [(2, 1, (1, 1)), (4, 2, (1, 1)), (5, 2, (0, 1)), (8, 1, (1, 1))])
 def test_small_conv_matmul_path_equals_xla_conv(side, stride, pad):
-    """On CPU, small-output convs are one matmul over patches (resnet.conv_general_dilated); same numbers."""
+    """Small-output convs as one matmul over patches (conv_kernel="matmul", and "auto" on CPU); same numbers."""
     from jax import lax
 
     from sdjax.models import resnet
 
+    matmul, auto = resnet.CONV_FUNCTIONS["matmul"], resnet.CONV_FUNCTIONS["auto"]
     rng = np.random.default_rng(side)
     x = jnp.asarray(rng.standard_normal((2, side, side, 24)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 24, 16)), jnp.float32)
     args = ((stride, stride), (pad, pad))
     dn = ("NHWC", "HWIO", "NHWC")
-    ours = resnet.conv_general_dilated(x, k, *args, dimension_numbers=dn)
     ref = lax.conv_general_dilated(x, k, *args, dimension_numbers=dn)
-    assert ours.shape == ref.shape
-    assert rel_err(np.asarray(ours), np.asarray(ref)) < 1e-6
-    jaxpr = str(jax.make_jaxpr(lambda x, k: resnet.conv_general_dilated(x, k, *args, dimension_numbers=dn))(x, k))
-    assert ("conv_general_dilated" in jaxpr) == (jax.default_backend() != "cpu")
+    for conv in (matmul, auto):
+        ours = conv(x, k, *args, dimension_numbers=dn)
+        assert ours.shape == ref.shape
+        assert rel_err(np.asarray(ours), np.asarray(ref)) < 1e-6
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, k: matmul(x, k, *args, dimension_numbers=dn))(x, k))
+    # "auto" is decided for the platform the program is compiled for: no convolution in a CPU program
+    lowered = jax.jit(lambda x, k: auto(x, k, *args, dimension_numbers=dn)).lower(x, k).as_text()
+    assert ("convolution" in lowered) == (jax.default_backend() != "cpu")
     # gradients agree too (the toy LDM trains through this path)
-    g = jax.grad(lambda k: resnet.conv_general_dilated(x, k, *args, dimension_numbers=dn).sum())(k)
+    g = jax.grad(lambda k: matmul(x, k, *args, dimension_numbers=dn).sum())(k)
     g_ref = jax.grad(lambda k: lax.conv_general_dilated(x, k, *args, dimension_numbers=dn).sum())(k)
     assert rel_err(np.asarray(g), np.asarray(g_ref)) < 1e-6
     # large outputs keep XLA's convolution
     big = jnp.zeros((1, 16, 16, 24), jnp.float32)
     assert "conv_general_dilated" in str(jax.make_jaxpr(
-        lambda x: resnet.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))(big))
+        lambda x: matmul(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))(big))
+
+
+@pytest.mark.parametrize("attention_kernel", ["auto", "einsum", "xla"])
+@pytest.mark.parametrize("conv_kernel", ["auto", "xla", "matmul"])
+def test_kernel_choices_give_the_same_numbers(attention_kernel, conv_kernel):
+    """Every attention and conv implementation, forced through the module fields, against einsum + XLA conv."""
+    unet = UNet2DConditionModel(**CONFIGS["sd1_like"][0])
+    params = unet.init_weights(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 16, 16))
+    ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 7, unet.cross_attention_dim))
+    ref = unet.clone(attention_kernel="einsum", conv_kernel="xla").apply({"params": params}, x, 10, ctx)
+    out = unet.clone(attention_kernel=attention_kernel, conv_kernel=conv_kernel).apply({"params": params}, x, 10, ctx)
+    assert rel_err(np.asarray(out), np.asarray(ref)) < 2e-6
+    with pytest.raises(ConfigError, match="attention_kernel = 'flash'"):
+        UNet2DConditionModel(**CONFIGS["sd1_like"][0], attention_kernel="flash")

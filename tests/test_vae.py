@@ -12,7 +12,7 @@ import pytest
 from sdjax.errors import ConfigError
 from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.vae import DiagonalGaussianDistribution
-from tests.reference import perturb_, rel_err
+from sdjax.testing import perturb_, rel_err
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

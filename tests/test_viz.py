@@ -11,15 +11,14 @@ from PIL import Image
 
 from sdjax import SdjaxError
 from sdjax.cli import main
-from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+from sdjax.pipelines import FlaxStableDiffusionPipeline
 from sdjax.trajectories import run_trajectories
-from viz import choose_steps, decode, from_shard, render, run_live
-from viz.animate import frame_size
-from viz.attention import attention_size, select_words
-from viz.completion import ddim_completions
-from viz.grid import GAP, HEADER_H, MARGIN, PROMPT_W, ROWLABEL_W, TITLE_H, grid_size
+from sdjax.viz import choose_steps, decode, from_shard, render, run_live
+from sdjax.viz.animate import frame_size
+from sdjax.viz.attention import attention_size, select_words
+from sdjax.viz.completion import ddim_completions
+from sdjax.viz.grid import GAP, HEADER_H, MARGIN, PROMPT_W, ROWLABEL_W, TITLE_H, grid_size
 
-from .tiny_pipeline import build_tiny_pipeline
 
 PROMPTS = ["a red circle on the moon", "a blue square"]
 STEPS = 6
@@ -29,13 +28,14 @@ CELL = 128  # 32 px images, upscaled 4x
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+def folder(tiny_folder):
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
-def loaded(folder):
-    return FlaxStableDiffusionPipeline.from_pretrained(folder, scheduler="ddim")
+def loaded(tiny_pipeline):
+    pipe, params = tiny_pipeline
+    return pipe.with_scheduler("ddim"), params
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Stage 1: a KL-regularised autoencoder (sdjax's AutoencoderKL), as in Latent Diffusion (Rombach et al.).
 
-    python -m train.autoencoder --config configs/shapes_autoencoder.py --workdir runs/ae
+    sdjax train autoencoder --config shapes_autoencoder --workdir runs/shapes_autoencoder
 
 Loss: L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) (both per image element, see `losses`),
 plus, when disc_start is set, a hinge-loss patch discriminator switched on after disc_start steps.
@@ -11,12 +11,9 @@ and the VAE is saved in diffusers format to <workdir>/vae. Killed, the same comm
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import logging
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -25,14 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sdjax.errors import exit_code
+from sdjax.errors import ConfigError
+from sdjax.io import write_json
 from sdjax.models.autoencoder_kl import AutoencoderKL
 
 from . import data as data_lib
 from . import parallel
 from .checkpointing import Checkpointer, check_or_write_config
-from .config import load_config, to_jsonable
-from .loop import restore_or_init, run_steps
+from .config import to_jsonable
+from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -40,28 +38,46 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "shapes"
-    image_size: int = 32
-    num_train_images: int | None = 12000
-    num_eval_images: int = 256
-    data_seed: int = 0
-    # AutoencoderKL config keys; f = 2 ** (len(block_out_channels) - 1)
-    vae: dict = dataclasses.field(default_factory=lambda: dict(
-        block_out_channels=[16, 32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=8))
-    seed: int = 0
-    batch_size: int = 32
-    num_steps: int = 1000
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    kl_weight: float = 1e-6
-    disc_start: int | None = None  # None: no discriminator
-    disc_weight: float = 0.1
-    disc_learning_rate: float = 2e-4
-    scale_images: int = 2048  # training images encoded to measure the latents' std
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 20
+    """Stage 1's keys and types; the values (defaults included) come from a config file (configs/)."""
+
+    dataset: str
+    image_size: int
+    num_train_images: int | None
+    num_eval_images: int
+    data_seed: int
+    vae: dict  # AutoencoderKL config keys; f = 2 ** (len(block_out_channels) - 1)
+    seed: int
+    batch_size: int
+    num_steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    kl_weight: float
+    disc_start: int | None  # None: no discriminator
+    disc_weight: float
+    disc_learning_rate: float
+    scale_images: int  # training images encoded to measure the latents' std
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+
+    def validate(self) -> None:
+        positive = ("image_size", "num_eval_images", "batch_size", "num_steps", "log_every", "keep_checkpoints",
+                    "scale_images")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 1")
+        for key in ("warmup_steps", "checkpoint_every", "weight_decay", "kl_weight", "disc_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 0")
+        for key in ("learning_rate", "disc_learning_rate"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be > 0")
+        if self.num_train_images is not None and self.num_train_images < self.batch_size:
+            raise ConfigError(f"config key 'num_train_images' = {self.num_train_images}: fewer than one batch "
+                              f"(batch_size {self.batch_size})")
+        if self.disc_start is not None and self.disc_start < 0:
+            raise ConfigError(f"config key 'disc_start' = {self.disc_start}: must be >= 0 or None")
 
 
 def make_vae(cfg: Config, scaling_factor: float = 1.0) -> AutoencoderKL:
@@ -150,26 +166,22 @@ def train_step(cfg: Config, vae: AutoencoderKL, state, images, key):
     return new, metrics
 
 
-_STEP_CACHE: dict = {}
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(vae, params, x):
+    return vae.apply({"params": params}, x)
 
 
-def compiled_step(cfg: Config, vae, mesh):
-    """The jitted train step, shared by runs with the same config (a resumed run in the same process
-    does not compile again)."""
-    key = (json.dumps(to_jsonable(cfg), sort_keys=True), mesh.devices.shape)
-    if key not in _STEP_CACHE:
-        _STEP_CACHE[key] = jax.jit(functools.partial(train_step, cfg, vae), donate_argnums=0,
-                                   out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
-    return _STEP_CACHE[key]
+@functools.partial(jax.jit, static_argnums=0)
+def _posterior_sample(vae, params, x, key):
+    return vae.apply({"params": params}, x, method=vae.encode).sample(key)
 
 
 def psnr(vae, params, images_uint8, batch_size: int = 64) -> float:
     """Mean PSNR (dB, images in [0, 1]) of the posterior-mode reconstructions."""
-    recon_fn = jax.jit(lambda p, x: vae.apply({"params": p}, x))
     vals = []
     for i in range(0, len(images_uint8), batch_size):
         x = data_lib.to_model_input(images_uint8[i:i + batch_size])
-        r = np.clip(np.asarray(recon_fn(params, x)), -1, 1)
+        r = np.clip(np.asarray(_reconstruct(vae, params, x)), -1, 1)
         mse = np.mean(((r - x) / 2) ** 2, axis=(1, 2, 3))
         vals.append(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))
     return float(np.mean(np.concatenate(vals)))
@@ -177,9 +189,8 @@ def psnr(vae, params, images_uint8, batch_size: int = 64) -> float:
 
 def latent_std(vae, params, images_uint8, seed: int, batch_size: int = 128) -> float:
     """Std of posterior samples over all latent elements (the paper's scaling factor is its inverse)."""
-    fn = jax.jit(lambda p, x, k: vae.apply({"params": p}, x, method=vae.encode).sample(k))
-    zs = [np.asarray(fn(params, data_lib.to_model_input(images_uint8[i:i + batch_size]),
-                        jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+    zs = [np.asarray(_posterior_sample(vae, params, data_lib.to_model_input(images_uint8[i:i + batch_size]),
+                                       jax.random.fold_in(jax.random.PRNGKey(seed), i)))
           for i in range(0, len(images_uint8), batch_size)]
     return float(np.std(np.concatenate(zs)))
 
@@ -204,8 +215,9 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
         idx = data_lib.batch_indices(len(train_ds), cfg.batch_size, cfg.data_seed, step)
         return parallel.shard_batch(data_lib.to_model_input(train_ds.images[idx]), mesh)
 
-    state, summary = run_steps(cfg, state, start, compiled_step(cfg, vae, mesh), make_batch, ckpt, log,
-                               desc="autoencoder", until_step=until_step, final_save=final_save, progress=progress)
+    step = Step(train_step, mesh, cfg, vae)
+    state, summary = run_steps(cfg, state, start, step, make_batch, ckpt, log, desc="autoencoder",
+                               until_step=until_step, final_save=final_save, progress=progress)
     if summary["steps"] < cfg.num_steps:
         return summary
 
@@ -216,25 +228,8 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     summary["f"] = vae.vae_scale_factor
     summary["final_l1"] = log.rows()[-1]["l1"] if log.rows() else None
     make_vae(cfg, scaling_factor=1.0 / std).save_pretrained(workdir / "vae", params)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(workdir / "summary.json", summary)
     plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss", "l1", "kl"),
                 title=f"autoencoder f={vae.vae_scale_factor}: PSNR {summary['psnr_db']:.2f} dB")
     logger.info("autoencoder: %s", summary)
     return summary
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="a configs/*.py file with get_config()")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, vae/ (resumed if it exists)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    parser.add_argument("--until-step", type=int, default=None, help="stop at this step (checkpointed); rerun to go on")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(Config, args.config, args.set)
-    summary = train_and_evaluate(cfg, args.workdir, until_step=args.until_step)
-    print(json.dumps(summary, indent=2))
-
-
-if __name__ == "__main__":
-    sys.exit(exit_code(main, "train.autoencoder"))

@@ -1,7 +1,7 @@
 """The paper's compression-factor study at toy scale: f in {1, 2, 4, 8} (16 at 64x64), the same wall-clock each.
 
-    python -m train.compression_study --out runs/compression --ae-seconds 150 --ldm-seconds 300
-    python -m train.compression_study --out runs/compression_64 --image-size 64 --factors 4 8 16
+    sdjax train compression-study --out runs/compression --ae-seconds 150 --ldm-seconds 300
+    sdjax train compression-study --out runs/compression_64 --image-size 64 --factors 4 8 16
 
 For each f: a short timing run measures steps/s of each stage, the step counts are set so that each stage
 fits its budget, both stages are trained, and the model is evaluated (PSNR, stage-2 images/s, FD,
@@ -11,18 +11,17 @@ a table + plot (--report, e.g. docs/compression.md, whose text above `<!-- resul
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import shutil
 import time
 from pathlib import Path
 
-from sdjax.errors import ConfigError, exit_code
+from sdjax.errors import ConfigError
+from sdjax.io import atomic_write, write_json
 
 from . import autoencoder, evaluate, ldm
 from .config import build_config, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = {1: [16], 2: [16, 32], 4: [16, 32, 64], 8: [16, 32, 64, 64], 16: [16, 32, 64, 64, 64]}  # VAE blocks
 
 
@@ -36,12 +35,10 @@ def steps_per_second(train_fn, cfg_schema, base: dict, workdir: Path, probe_step
 
 def run_factor(f: int, out: Path, ae_seconds: float, ldm_seconds: float, per_caption: int, classifier_dir: str,
                image_size: int = 32) -> dict:
-    ae_base = load_config(autoencoder.Config, ROOT / "configs" / "shapes_autoencoder.py")
+    ae_base = load_config(autoencoder.Config, "shapes_autoencoder")
     ae_over = {"vae": dict(ae_base.vae, block_out_channels=WIDTHS[f]), "checkpoint_every": 0, "image_size": image_size}
     ae_vals = {k: v for k, v in vars(ae_base).items()} | ae_over
     # timing probe (steps are restarted from scratch in a fresh workdir afterwards)
-    import shutil
-
     probe = out / f"f{f}_probe"
     shutil.rmtree(probe, ignore_errors=True)
     ae_sps = steps_per_second(autoencoder.train_and_evaluate, autoencoder.Config, ae_vals, probe / "ae")
@@ -52,7 +49,7 @@ def run_factor(f: int, out: Path, ae_seconds: float, ldm_seconds: float, per_cap
         "num_steps": ae_steps, "warmup_steps": min(100, ae_steps // 10)}), ae_dir, progress=False)
     ae_time = time.time() - t0
 
-    ldm_base = load_config(ldm.Config, ROOT / "configs" / "shapes_ldm.py")
+    ldm_base = load_config(ldm.Config, "shapes_ldm")
     ldm_vals = vars(ldm_base) | {"autoencoder_dir": str(ae_dir), "checkpoint_every": 0, "image_size": image_size}
     sps = steps_per_second(lambda c, w, **k: ldm.train_and_evaluate(c, w, export=False, **k), ldm.Config,
                               ldm_vals, probe / "ldm")
@@ -96,7 +93,7 @@ def write_report(results: dict, md_path: Path, png_path: Path, note: str = "") -
         ax.set_title(label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
     lines = ["| f | latents | stage 1 steps | PSNR (dB) | stage 2 steps | stage 2 images/s | final loss | FD | FD real/real | color acc | shape acc |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,42 +106,29 @@ def write_report(results: dict, md_path: Path, png_path: Path, note: str = "") -
     md_path.write_text(head + "<!-- results -->\n\n" + table + (f"\n{note}\n" if note else ""))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/compression")
-    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8], choices=sorted(WIDTHS))
-    parser.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="shapes images (64: f up to 16)")
-    parser.add_argument("--ae-seconds", type=float, default=150)
-    parser.add_argument("--ldm-seconds", type=float, default=300)
-    parser.add_argument("--per-caption", type=int, default=2)
-    parser.add_argument("--classifier-dir", default="runs/shapes_classifier")
-    parser.add_argument("--report", default=None, help="markdown table (+ .png plot) to write; default OUT/compression.md")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    args.report = args.report or str(out / "compression.md")
+def run_study(out, factors=(1, 2, 4, 8), image_size: int = 32, ae_seconds: float = 150, ldm_seconds: float = 300,
+              per_caption: int = 2, classifier_dir: str = "runs/shapes_classifier", report=None) -> Path:
+    """Every factor not yet in OUT/results.json, then the report (markdown table + plot). Returns the report."""
+    out = Path(out)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    size = args.image_size
-    for f in args.factors:  # all checked before any training starts
-        if size // f < 2:
-            raise ConfigError(f"f={f} leaves {size // f}x{size // f} latents of {size}x{size} images; "
-                              f"the UNet needs at least 2x2 (use --image-size 64)")
+    for f in factors:  # all checked before any training starts
+        if f not in WIDTHS:
+            raise ConfigError(f"factor {f}: choose from {', '.join(map(str, sorted(WIDTHS)))}")
+        if image_size // f < 2:
+            raise ConfigError(f"f={f} leaves {image_size // f}x{image_size // f} latents of {image_size}x{image_size} "
+                              f"images; the UNet needs at least 2x2 (use --image-size 64)")
         done_size = results.get(str(f), {}).get("image_size", 32)  # results from before sizes were recorded: 32
-        if str(f) in results and done_size != size:
+        if str(f) in results and done_size != image_size:
             raise ConfigError(f"{results_path} holds f={f} at {done_size}x{done_size}; "
-                              f"use another --out for --image-size {size}")
-    for f in args.factors:
+                              f"use another --out for --image-size {image_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in factors:
         if str(f) in results:
             continue
-        results[str(f)] = run_factor(f, out, args.ae_seconds, args.ldm_seconds, args.per_caption,
-                                     args.classifier_dir, args.image_size)
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        results[str(f)] = run_factor(f, out, ae_seconds, ldm_seconds, per_caption, classifier_dir, image_size)
+        write_json(results_path, results)
         print(json.dumps(results[str(f)]), flush=True)
-    md, png = Path(args.report), Path(args.report).with_suffix(".png")
-    write_report(results, md, png)
-    print(f"wrote {md} and {png}")
-
-
-if __name__ == "__main__":
-    sys.exit(exit_code(main, "train.compression_study"))
+    md = Path(report or out / "compression.md")
+    write_report(results, md, md.with_suffix(".png"))
+    return md

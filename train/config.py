@@ -1,9 +1,12 @@
 """Configs are Python files with `get_config()` returning a plain dict (Flax-examples style).
 
-    cfg = load_config(Config, "configs/shapes_autoencoder.py", overrides=["num_steps=100"])
+    cfg = load_config(autoencoder.Config, "shapes_autoencoder", overrides=["num_steps=100"])
 
-A stage declares its keys and defaults as a dataclass; any other key is refused with an error that
-names it. Resuming compares the saved config with the current one (`config_changes`).
+`configs/*.py` (installed as `sdjax.configs`) are the only place defaults live: a stage's `Config`
+dataclass declares the keys and their types, with no default values, and every key must be given by
+the file (or an override). `--config NAME` finds `configs/NAME.py`; a path finds that file.
+Unknown keys, missing keys and values of the wrong type are refused with the key, the value and what
+was expected. Resuming compares the saved config with the current one (`config_changes`).
 """
 
 from __future__ import annotations
@@ -11,19 +14,45 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.resources
 import json
 import runpy
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 from sdjax.errors import ConfigError
 
+CONFIG_PACKAGE = "sdjax.configs"
 
-def read_config_file(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    module = runpy.run_path(str(path))
+
+def config_path(name_or_path) -> Path:
+    """A config file: an existing path, or the name of one of the shipped configs (`shapes_ldm`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"config {name_or_path}: not a file")
+    stem = path.name[:-3] if path.name.endswith(".py") else path.name
+    if path.parent == Path(".") and stem.isidentifier():
+        shipped = importlib.resources.files(CONFIG_PACKAGE) / f"{stem}.py"
+        if shipped.is_file():
+            return Path(str(shipped))
+    raise ConfigError(f"config file not found: {name_or_path} (shipped configs: {', '.join(shipped_configs())})")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name[:-3] for p in importlib.resources.files(CONFIG_PACKAGE).iterdir()
+                  if p.name.endswith(".py") and not p.name.startswith("_"))
+
+
+def read_config_file(name_or_path) -> dict:
+    path = config_path(name_or_path)
+    try:
+        module = runpy.run_path(str(path))
+    except Exception as e:  # a syntax or runtime error in the user's config file
+        raise ConfigError(f"config file {path} could not be run: {type(e).__name__}: {e}") from None
     if "get_config" not in module:
         raise ConfigError(f"{path} has no get_config() function")
     cfg = module["get_config"]()
@@ -33,7 +62,9 @@ def read_config_file(path) -> dict:
 
 
 def parse_overrides(items) -> dict:
-    """["num_steps=100", "unet.layers_per_block=2"] -> {"num_steps": 100, "unet": {"layers_per_block": 2}}."""
+    """["num_steps=100", "unet.layers_per_block=2"] (or a dict) -> {"num_steps": 100, "unet": {"layers_per_block": 2}}."""
+    if isinstance(items, dict):
+        return dict(items)
     out: dict[str, Any] = {}
     for item in items or ():
         if "=" not in item:
@@ -51,8 +82,19 @@ def parse_overrides(items) -> dict:
     return out
 
 
+def merge(base: dict, overrides: dict) -> dict:
+    """Overrides over base; a dict value merges into a dict value (model configs: change some keys)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
 def build_config(schema, values: dict, source: str = "config"):
-    """A `schema` dataclass from `values`; unknown keys raise ConfigError naming them (and close matches)."""
+    """A `schema` dataclass from `values`: every field given, no unknown key, each value of its declared type."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = [k for k in values if k not in fields]
     if unknown:
@@ -62,27 +104,62 @@ def build_config(schema, values: dict, source: str = "config"):
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown config key(s) in {source}: {', '.join(hints)}; "
                           f"known keys: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if name in values:
-            value = values[name]
-            if isinstance(default, dict) and isinstance(value, dict):
-                value = {**default, **value}  # model configs: the file overrides some keys
-            kwargs[name] = value
-        elif default is dataclasses.MISSING:
-            raise ConfigError(f"config key {name!r} is required ({source})")
-    return schema(**kwargs)
+    missing = [k for k in fields if k not in values]
+    if missing:
+        raise ConfigError(f"config key(s) {', '.join(map(repr, missing))} missing in {source} "
+                          f"(configs/*.py give every key; see configs/ for the shipped ones)")
+    hints = typing.get_type_hints(schema)
+    for name in fields:
+        check_type(name, values[name], hints[name], source)
+    cfg = schema(**{k: values[k] for k in fields})
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value, tp) -> bool:
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_type(key: str, value, tp, source: str) -> None:
+    if not _matches(value, tp):
+        raise ConfigError(f"config key {key!r} = {value!r} in {source}: expected {_type_name(tp)}, "
+                          f"got {type(value).__name__}")
 
 
 def load_config(schema, path=None, overrides=None):
+    """The config file (a path or a shipped config's name) with overrides (["k=v", ...] or a dict) applied."""
     values = read_config_file(path) if path else {}
-    for key, value in parse_overrides(overrides).items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return build_config(schema, values, source=str(path or "defaults"))
+    values = merge(values, parse_overrides(overrides))
+    return build_config(schema, values, source=str(path or "overrides"))
 
 
 def to_jsonable(cfg) -> dict:

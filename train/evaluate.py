@@ -1,6 +1,6 @@
 """Score a text-to-image model on "shapes" with a classifier trained on real images.
 
-    python -m train.evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
+    sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
 
 1. A small Flax CNN learns (color, shape, background) from real "shapes" images (trained once, saved in
    --classifier-dir); its held-out accuracy is reported: it should be >= 98% before its scores are trusted.
@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+import functools
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +25,8 @@ import numpy as np
 import optax
 from flax import serialization
 
-from sdjax.errors import exit_code
+from sdjax.io import write_json, write_png
+from sdjax.pipelines import FlaxStableDiffusionPipeline
 
 from . import data as data_lib
 
@@ -51,42 +50,47 @@ def _float(images_uint8):
     return jnp.asarray(images_uint8, jnp.float32) / 255.0
 
 
+def _classifier_optimizer(steps: int):
+    return optax.adam(optax.cosine_decay_schedule(2e-3, steps))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _classifier_step(steps: int, params, opt, x, y, key):
+    # a little pixel noise, so generated images' small artifacts do not confuse it
+    x = x + 0.03 * jax.random.normal(key, x.shape)
+
+    def loss_fn(p):
+        _, logits = ShapesClassifier().apply({"params": p}, x)
+        return sum(optax.softmax_cross_entropy_with_integer_labels(logits[name], y[:, i]).mean()
+                   for i, (name, _) in enumerate(HEADS))
+
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    u, opt = _classifier_optimizer(steps).update(g, opt, params)
+    return optax.apply_updates(params, u), opt, loss
+
+
 def train_classifier(image_size=32, n_train=12000, steps=600, batch_size=128, seed=0):
     """Train on shapes (data seed 1: images the LDM never saw). Returns params."""
     ds = data_lib.shapes_dataset(n_train, seed=1, image_size=image_size)
-    model = ShapesClassifier()
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
-    tx = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, opt, x, y, key):
-        # a little pixel noise, so generated images' small artifacts do not confuse it
-        x = x + 0.03 * jax.random.normal(key, x.shape)
-
-        def loss_fn(p):
-            _, logits = model.apply({"params": p}, x)
-            return sum(optax.softmax_cross_entropy_with_integer_labels(logits[name], y[:, i]).mean()
-                       for i, (name, _) in enumerate(HEADS))
-
-        loss, g = jax.value_and_grad(loss_fn)(params)
-        u, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, u), opt, loss
-
+    params = ShapesClassifier().init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    opt = _classifier_optimizer(steps).init(params)
     for s in range(steps):
         idx = data_lib.batch_indices(len(ds), batch_size, 1, s)
-        params, opt, loss = step(params, opt, _float(ds.images[idx]), jnp.asarray(ds.labels[idx]),
-                                 jax.random.PRNGKey(s))
+        params, opt, loss = _classifier_step(steps, params, opt, _float(ds.images[idx]), jnp.asarray(ds.labels[idx]),
+                                             jax.random.PRNGKey(s))
     return params
+
+
+@jax.jit
+def _classify(params, x):
+    return ShapesClassifier().apply({"params": params}, x)
 
 
 def predict(params, images_uint8, batch_size=256):
     """(features [N, 128], {head: predicted index [N]})."""
-    model = ShapesClassifier()
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
     feats, preds = [], {name: [] for name, _ in HEADS}
     for i in range(0, len(images_uint8), batch_size):
-        f, logits = fn(params, _float(images_uint8[i:i + batch_size]))
+        f, logits = _classify(params, _float(images_uint8[i:i + batch_size]))
         feats.append(np.asarray(f))
         for name in preds:
             preds[name].append(np.asarray(jnp.argmax(logits[name], -1)))
@@ -132,17 +136,13 @@ def generate(pipe, params, captions, seed=0, guidance=5.0, steps=25, batch_size=
 
 
 def save_grid(images, path, cols=18):
-    from PIL import Image
-
     n = len(images) // cols * cols
     rows = [np.concatenate(list(images[r * cols:(r + 1) * cols]), axis=1) for r in range(n // cols)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    write_png(path, np.concatenate(rows, axis=0))
 
 
 def evaluate(model_path, classifier_dir="runs/shapes_classifier", guidance=5.0, steps=25, per_caption=4,
              seed=0, n_real=1000, out_dir=None, scheduler=None) -> dict:
-    from sdjax.pipeline_stable_diffusion import FlaxStableDiffusionPipeline
-
     pipe, params = FlaxStableDiffusionPipeline.from_pretrained(model_path, scheduler=scheduler)
     size = pipe.default_size
     clf = load_or_train_classifier(classifier_dir, size)
@@ -167,30 +167,5 @@ def evaluate(model_path, classifier_dir="runs/shapes_classifier", guidance=5.0, 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_grid(gen[:54 * min(per_caption, 2)], out / f"samples_g{guidance:g}.png")
-        (out / f"eval_g{guidance:g}.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out / f"eval_g{guidance:g}.json", result)
     return result
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
-    parser.add_argument("--classifier-dir", default="runs/shapes_classifier")
-    parser.add_argument("--guidance", type=float, nargs="+", default=[5.0])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--per-caption", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="folder for eval_g*.json and sample grids")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    model = args.model
-    if model is None:
-        from sdjax.assets import toy_model_path
-
-        model = toy_model_path()
-    for g in args.guidance:
-        print(json.dumps(evaluate(model, args.classifier_dir, g, args.steps, args.per_caption, args.seed,
-                                  out_dir=args.out), indent=2))
-
-
-if __name__ == "__main__":
-    sys.exit(exit_code(main, "train.evaluate"))

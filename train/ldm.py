@@ -1,6 +1,6 @@
 """Stage 2: a text-conditioned UNet on the frozen autoencoder's latents, as in Latent Diffusion.
 
-    python -m train.ldm --config configs/shapes_ldm.py --workdir runs/ldm
+    sdjax train ldm --config shapes_ldm --workdir runs/shapes_ldm
 
 Reads stage 1's VAE from <autoencoder_dir>/vae (its config holds the latent scaling factor), encodes
 the training images once (posterior mean and std, cached in <workdir>/latents.npz; a fresh posterior
@@ -14,13 +14,10 @@ are exported as a diffusers-format pipeline folder (<workdir>/pipeline, or expor
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
-import sys
 from pathlib import Path
 
 import jax
@@ -28,18 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sdjax.errors import ConfigError, exit_code
+from sdjax.errors import ConfigError
+from sdjax.io import read_json, write_json
 from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.models.unet_2d_condition import UNet2DConditionModel
-from sdjax.schedulers import DDPMScheduler
+from sdjax.schedulers import DDPMScheduler, get_scheduler
 
 from . import data as data_lib
 from . import parallel
 from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config
-from .config import load_config, to_jsonable
-from .loop import restore_or_init, run_steps
+from .config import build_config, to_jsonable
+from .export import export_pipeline
+from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -49,49 +48,61 @@ BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2
 
 @dataclasses.dataclass
 class Config:
-    autoencoder_dir: str = "runs/shapes_autoencoder"  # stage 1's workdir (its vae/ folder is used)
-    dataset: str = "shapes"
-    image_size: int = 32
-    num_train_images: int | None = 12000
-    data_seed: int = 0
-    model_max_length: int = 16  # tokens per caption (= the text encoder's max_position_embeddings)
-    # UNet2DConditionModel config keys (sample_size, in/out_channels, cross_attention_dim are filled in)
-    unet: dict = dataclasses.field(default_factory=lambda: dict(
-        block_out_channels=[64, 128], layers_per_block=1,
-        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=4, norm_num_groups=32))
-    # CLIPTextConfig keys (vocab_size, max_position_embeddings and the special token ids are filled in)
-    text_encoder: dict = dataclasses.field(default_factory=lambda: dict(
-        hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"))
-    prediction_type: str = "epsilon"  # or "v_prediction"
-    beta_schedule: str = "scaled_linear"  # or "cosine"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    num_train_timesteps: int = 1000
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.999
-    seed: int = 0
-    batch_size: int = 64
-    num_steps: int = 2000
-    learning_rate: float = 5e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    sample_scheduler: str = "ddim"  # the exported pipeline's scheduler: "ddim" or "pndm"
-    export_dir: str | None = None  # default: <workdir>/pipeline
+    """Stage 2's keys and types; the values (defaults included) come from a config file (configs/)."""
 
+    autoencoder_dir: str  # stage 1's workdir (its vae/ folder is used)
+    dataset: str
+    image_size: int
+    num_train_images: int | None
+    data_seed: int
+    model_max_length: int  # tokens per caption (= the text encoder's max_position_embeddings)
+    unet: dict  # UNet2DConditionModel config keys (sample_size, in/out_channels, cross_attention_dim filled in)
+    text_encoder: dict  # CLIPTextConfig keys (vocab_size, max_position_embeddings, special token ids filled in)
+    prediction_type: str  # "epsilon" or "v_prediction"
+    beta_schedule: str  # "scaled_linear", "cosine" or "linear"
+    beta_start: float
+    beta_end: float
+    num_train_timesteps: int
+    caption_dropout: float
+    ema_decay: float
+    seed: int
+    batch_size: int
+    num_steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    sample_scheduler: str  # the exported pipeline's scheduler: "ddim" or "pndm"
+    export_dir: str | None  # default: <workdir>/pipeline
 
-def check_config(cfg: Config) -> None:
-    if cfg.prediction_type not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"prediction_type = {cfg.prediction_type!r}: use 'epsilon' or 'v_prediction'")
-    if cfg.beta_schedule not in BETA_SCHEDULES:
-        raise ConfigError(f"beta_schedule = {cfg.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
-    if cfg.sample_scheduler not in ("ddim", "pndm"):
-        raise ConfigError(f"sample_scheduler = {cfg.sample_scheduler!r}: use 'ddim' or 'pndm'")
-    if not 0 <= cfg.caption_dropout < 1:
-        raise ConfigError(f"caption_dropout = {cfg.caption_dropout}: must be in [0, 1)")
+    def validate(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type = {self.prediction_type!r}: use 'epsilon' or 'v_prediction'")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"beta_schedule = {self.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
+        if self.sample_scheduler not in ("ddim", "pndm"):
+            raise ConfigError(f"sample_scheduler = {self.sample_scheduler!r}: use 'ddim' or 'pndm'")
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"caption_dropout = {self.caption_dropout}: must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay = {self.ema_decay}: must be in [0, 1)")
+        for key in ("image_size", "batch_size", "num_steps", "log_every", "keep_checkpoints", "model_max_length",
+                    "num_train_timesteps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 1")
+        for key in ("warmup_steps", "checkpoint_every", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 0")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"config key 'learning_rate' = {self.learning_rate!r}: must be > 0")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"beta_start = {self.beta_start}, beta_end = {self.beta_end}: "
+                              "need 0 < beta_start < beta_end < 1")
+        if self.num_train_images is not None and self.num_train_images < self.batch_size:
+            raise ConfigError(f"config key 'num_train_images' = {self.num_train_images}: fewer than one batch "
+                              f"(batch_size {self.batch_size})")
 
 
 def noise_schedule_config(cfg: Config) -> dict:
@@ -172,29 +183,17 @@ def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, emp
                                                                                 "grad_norm": optax.tree.norm(grads)}
 
 
-_STEP_CACHE: dict = {}
-
-
-def compiled_step(cfg: Config, text_encoder, unet, noise_sched, vae, empty_ids, mesh):
-    """The jitted train step, shared by runs with the same setup (a resumed run in the same process
-    does not compile again)."""
-    key = (json.dumps(to_jsonable(cfg), sort_keys=True), json.dumps(text_encoder.to_json_config()),
-           json.dumps(unet.to_json_config()), float(vae.scaling_factor), tuple(np.asarray(empty_ids).tolist()),
-           mesh.devices.shape)
-    if key not in _STEP_CACHE:
-        rep = parallel.replicated(mesh)
-        _STEP_CACHE[key] = jax.jit(functools.partial(train_step, cfg, text_encoder, unet, noise_sched,
-                                                     vae.scaling_factor, empty_ids),
-                                   donate_argnums=0, out_shardings=(rep, rep))
-    return _STEP_CACHE[key]
+@functools.partial(jax.jit, static_argnums=0)
+def _posterior(vae, vae_params, x):
+    posterior = vae.apply({"params": vae_params}, x, method=vae.encode)
+    return posterior.mean, posterior.std
 
 
 def encode_dataset(vae, vae_params, images_uint8, batch_size: int = 256):
     """Posterior (mean, std) of every image: [N, C, h, w] float32 each."""
-    fn = jax.jit(lambda p, x: (lambda post: (post.mean, post.std))(vae.apply({"params": p}, x, method=vae.encode)))
     means, stds = [], []
     for i in range(0, len(images_uint8), batch_size):
-        m, s = fn(vae_params, data_lib.to_model_input(images_uint8[i:i + batch_size]))
+        m, s = _posterior(vae, vae_params, data_lib.to_model_input(images_uint8[i:i + batch_size]))
         means.append(np.asarray(m))
         stds.append(np.asarray(s))
     return np.concatenate(means), np.concatenate(stds)
@@ -228,9 +227,7 @@ def setup_tokenizer(workdir: Path, captions, model_max_length: int, rebuild: boo
 
 
 def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,
-                       final_save: bool = True,
-                       export: bool = True) -> dict:
-    check_config(cfg)
+                       final_save: bool = True, export: bool = True) -> dict:
     workdir = Path(workdir)
     ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
     resumable = ckpt.latest_step() is not None
@@ -255,8 +252,8 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
         return parallel.shard_batch({"latent_mean": lat_mean[idx], "latent_std": lat_std[idx],
                                      "input_ids": input_ids[idx]}, mesh)
 
-    step_fn = compiled_step(cfg, text_encoder, unet, noise_sched, vae, empty_ids, mesh)
-    state, summary = run_steps(cfg, state, start, step_fn, make_batch, ckpt, log, desc="ldm",
+    step = Step(train_step, mesh, cfg, text_encoder, unet, noise_sched, float(vae.scaling_factor), empty_ids)
+    state, summary = run_steps(cfg, state, start, step, make_batch, ckpt, log, desc="ldm",
                                until_step=until_step, final_save=final_save, progress=progress)
     if summary["steps"] < cfg.num_steps:
         return summary
@@ -266,27 +263,29 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss", "grad_norm"),
                 title=f"LDM ({cfg.prediction_type}, {cfg.beta_schedule} betas)")
     if export:
-        from .export import export_pipeline
-
         out = Path(cfg.export_dir) if cfg.export_dir else workdir / "pipeline"
-        export_pipeline(out, cfg, text_encoder, unet, jax.device_get(state["ema"]), vae, vae_params, tokenizer)
+        export_pipeline(out, text_encoder, unet, jax.device_get(state["ema"]), vae, vae_params, tokenizer,
+                        get_scheduler(sampling_scheduler_config(cfg)), overwrite=True)
         summary["pipeline"] = str(out)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(workdir / "summary.json", summary)
     logger.info("ldm: %s", summary)
     return summary
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="a configs/*.py file with get_config()")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, tokenizer/, pipeline/ (resumed if it exists)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    parser.add_argument("--until-step", type=int, default=None, help="stop at this step (checkpointed); rerun to go on")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(Config, args.config, args.set)
-    print(json.dumps(train_and_evaluate(cfg, args.workdir, until_step=args.until_step), indent=2))
-
-
-if __name__ == "__main__":
-    sys.exit(exit_code(main, "train.ldm"))
+def export_from_workdir(workdir, out_dir, dtype=jnp.float32, use_ema: bool = True, overwrite: bool = False):
+    """Rebuild the models from a stage-2 workdir's config and latest checkpoint, and export them."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").is_file():
+        raise ConfigError(f"{workdir} is not a stage-2 workdir: it has no config.json (train it with sdjax train ldm)")
+    cfg = build_config(Config, read_json(workdir / "config.json"), source=str(workdir / "config.json"))
+    vae, vae_params = load_autoencoder(cfg.autoencoder_dir)
+    tokenizer = setup_tokenizer(workdir, [], cfg.model_max_length)
+    text_encoder, unet = make_models(cfg, vae, tokenizer)
+    ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
+    if ckpt.latest_step() is None:
+        raise ConfigError(f"no checkpoint in {workdir}/checkpoints: nothing to export yet")
+    state = ckpt.restore(jax.eval_shape(lambda: create_train_state(cfg, text_encoder, unet)))
+    ckpt.close()
+    params = state["ema"] if use_ema else state["params"]
+    return export_pipeline(out_dir, text_encoder, unet, jax.device_get(params), vae, vae_params, tokenizer,
+                           get_scheduler(sampling_scheduler_config(cfg)), dtype=dtype, overwrite=overwrite)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdjax.io import atomic_write
+
 
 class MetricsLog:
     def __init__(self, path, resume_step: int):
@@ -52,5 +54,5 @@ def plot_losses(log_path, png_path, keys=("loss",), title: str = "") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from sdjax.tokenizer import bytes_to_unicode, load_tokenizer
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -43,29 +47,12 @@ def build_clip_tokenizer(captions, folder, model_max_length: int = 16, vocab_siz
     return folder
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map of the 256 bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def load(folder):
-    from sdjax.tokenizer import load_tokenizer
-
     return load_tokenizer(folder, subfolder=None)
 
 
-def encode(tokenizer, captions) -> "np.ndarray":
+def encode(tokenizer, captions) -> np.ndarray:
     """Captions -> int32 [N, model_max_length] ids, padded with <|endoftext|>, truncated."""
-    import numpy as np
-
     ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="np").input_ids
     return ids.astype(np.int32)

@@ -10,6 +10,8 @@ import importlib.util
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sdjax.io import atomic_write
+
 from .figure import cell_size, upscale
 
 MARGIN = 10
@@ -88,8 +90,8 @@ def write_animation(path_gif, data, frames, mp4: bool = True) -> list:
     images = compose_frames(data, frames)
     durations = [STEP_MS] * (len(images) - 1) + [FINAL_MS]
     pil = [Image.fromarray(f) for f in images]
-    pil[0].save(path_gif, save_all=True, append_images=pil[1:], duration=durations, loop=0, optimize=False,
-                disposal=1)
+    atomic_write(path_gif, lambda f: pil[0].save(f, format="GIF", save_all=True, append_images=pil[1:],
+                                                 duration=durations, loop=0, optimize=False, disposal=1))
     written = [path_gif]
     if mp4 and importlib.util.find_spec("imageio_ffmpeg") is not None:
         import imageio.v2 as imageio

@@ -5,23 +5,24 @@ instead restarts from the noisy sample x_t of a step and runs a short, separate 
 from that step's timestep down to 0 in K steps, with the pipeline's own UNet and guidance. K = 1 is
 x̂0 itself; K = 2 or 4 shows how much a few more model calls change the completion.
 
-All chosen steps go through one jitted function: `jax.vmap` over the steps of a `lax.scan` over K.
+It is the pipeline's own engine: `engine.denoise` with the DDIM scheduler's step over a state built for
+the step's noise level (`DDIMScheduler.state_from_levels`), `jax.vmap`ped over the chosen steps, in
+one compiled program per (pipeline, K).
 """
 
 from __future__ import annotations
 
-import weakref
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import SdjaxError
-from sdjax.schedulers.base import clip_or_threshold
-from sdjax.schedulers.ddpm import x0_from_alpha_space
+from sdjax.pipelines import FlaxStableDiffusionPipeline, denoise
+from sdjax.schedulers import get_scheduler
 
-COMPLETION_STEPS = (1, 2, 4)
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+from . import COMPLETION_STEPS
 
 
 def completion_timesteps(t0, alpha_bar0, alphas_cumprod, num_steps: int):
@@ -37,38 +38,28 @@ def completion_timesteps(t0, alpha_bar0, alphas_cumprod, num_steps: int):
     return ts, abar
 
 
-def _completion_fn(pipe, num_steps: int):
-    per_pipe = _COMPILED.setdefault(pipe, {})
-    if num_steps in per_pipe:
-        return per_pipe[num_steps]
-    sched = pipe.scheduler
-    cfg = dict(sched.config)
-    prediction_type = cfg.get("prediction_type", "epsilon")
+def completion_pipeline(pipe) -> FlaxStableDiffusionPipeline:
+    """`pipe` with a deterministic DDIM scheduler on its training schedule, x̂0 clipped as `pipe`'s own sampler does."""
+    cfg = pipe.scheduler.config
+    ddim = get_scheduler("ddim", base_config=cfg, eta=0.0, clip_sample=bool(cfg.get("clip_sample", False)),
+                         thresholding=bool(cfg.get("thresholding", False)))
+    return FlaxStableDiffusionPipeline.from_pipe(pipe, scheduler=ddim)
 
-    def complete_one(unet_params, context, guidance, x, t0, alpha_bar0):
-        """x [B, C, h, w] in alpha space at (t0, alpha_bar0) -> the clean sample after K DDIM steps."""
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _complete(ddim_pipe, num_steps: int, params, prompt_ids, neg_prompt_ids, guidance, xs, t0s, alpha_bar0s):
+    """xs [S, B, C, h, w] in alpha space at (t0s, alpha_bar0s) [S] -> the clean samples after K DDIM steps."""
+    sched = ddim_pipe.scheduler
+    context = ddim_pipe.text_context(params, prompt_ids, neg_prompt_ids)
+    model_fn = ddim_pipe.guided_model(params, context, guidance)
+
+    def complete_one(x, t0, alpha_bar0):
         ts, abar = completion_timesteps(t0, alpha_bar0, sched.alphas_cumprod, num_steps)
+        final, _ = denoise(sched, sched.state_from_levels(ts, abar), x.astype(jnp.float32), model_fn,
+                           jax.random.PRNGKey(0), return_trajectory=False)
+        return final
 
-        def body(x, k):
-            tt = jnp.broadcast_to(ts[k], (2 * x.shape[0],))
-            out = pipe.unet.apply({"params": unet_params}, jnp.concatenate([x, x]).astype(pipe.dtype), tt, context)
-            eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2)
-            guided = eps_uncond + guidance * (eps_cond - eps_uncond)
-            x0, eps = x0_from_alpha_space(prediction_type, guided, x, abar[k] ** 0.5, (1.0 - abar[k]) ** 0.5)
-            x0 = clip_or_threshold(x0, cfg)
-            return abar[k + 1] ** 0.5 * x0 + (1.0 - abar[k + 1]) ** 0.5 * eps, None
-
-        x, _ = jax.lax.scan(body, x.astype(jnp.float32), jnp.arange(num_steps))
-        return x
-
-    def complete(params, prompt_ids, neg_prompt_ids, guidance, xs, t0s, alpha_bar0s):
-        context = jnp.concatenate([pipe.encode_prompt(params, neg_prompt_ids), pipe.encode_prompt(params, prompt_ids)])
-        return jax.vmap(complete_one, in_axes=(None, None, None, 0, 0, 0))(
-            params["unet"], context, guidance, xs, t0s, alpha_bar0s)
-
-    fn = jax.jit(complete)
-    per_pipe[num_steps] = fn
-    return fn
+    return jax.vmap(complete_one)(xs, t0s, alpha_bar0s)
 
 
 def ddim_completions(pipe, params, data, steps: list[int], num_steps: int = 4) -> np.ndarray:
@@ -83,6 +74,6 @@ def ddim_completions(pipe, params, data, steps: list[int], num_steps: int = 4) -
     ab0s = data.alpha_bar[idx].astype(np.float32)
     ids = pipe.prepare_inputs(data.prompts)
     neg = pipe.unconditional_ids(len(data.prompts))
-    guidance = jnp.float32(data.settings.get("guidance_scale", 7.5))
-    fn = _completion_fn(pipe, int(num_steps))
-    return np.asarray(fn(params, ids, neg, guidance, xs, t0s, ab0s), np.float32)
+    guidance = jnp.full((len(data.prompts),), data.settings.get("guidance_scale", 7.5), jnp.float32)
+    out = _complete(completion_pipeline(pipe), int(num_steps), params, ids, neg, guidance, xs, t0s, ab0s)
+    return np.asarray(out, np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .figure import DPI, plain
+from .figure import DPI, plain, save_figure
 
 FIGSIZE = (13.0, 5.2)  # inches at 100 dpi -> 1300 x 520 px
 
@@ -95,6 +95,5 @@ def render_convergence(path, numbers: dict) -> tuple[int, int]:
     axes[1].legend(loc="lower left", fontsize=9, framealpha=0.9)
     fig.suptitle(f"Does the one-step completion converge to the final image?  ({numbers['scheduler']}, "
                  f"{t} steps, guidance {numbers['guidance_scale']})", fontsize=13)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, path)
     return int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI)

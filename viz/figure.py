@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from sdjax.io import atomic_write  # noqa: E402
+
 DPI = 100
 CELL = 128  # target display size of one image, in pixels
 
@@ -58,8 +60,13 @@ class PixelFigure:
 
     def save(self, path) -> None:
         self.fig.figimage(self.canvas, xo=0, yo=0, origin="upper", zorder=0)
-        self.fig.savefig(path, dpi=DPI, facecolor=self.fig.get_facecolor())
-        plt.close(self.fig)
+        save_figure(self.fig, path, facecolor=self.fig.get_facecolor())
+
+
+def save_figure(fig, path, **kwargs) -> None:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a picture), then close it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, **kwargs))
+    plt.close(fig)
 
 
 def plain(text: str) -> str:

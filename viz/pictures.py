@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdjax.models.modeling_utils import write_json
+from sdjax.io import write_json
 
 from .animate import write_animation
 from .attention import render_attention, select_words

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from sdjax.errors import SdjaxError
+from sdjax.schedulers.registry import SCHEDULERS
+from sdjax.seeds import loop_key, sample_seeds
+from sdjax.trajectories import initial_latents, load_shard
 
 
 @dataclasses.dataclass
@@ -66,25 +68,18 @@ class Frames:
     final: np.ndarray   # [B, H, W, 3] uint8: the decoded final sample
 
 
-def default_seeds(seed: int, n: int) -> list[int]:
-    """Sample i starts from the noise of seed + i, as `sdjax trajectories` does, so a shard matches."""
-    return [seed + i for i in range(n)]
-
-
 def run_live(pipe, params, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 5.0,
              height: int | None = None, width: int | None = None, attentions: bool = False,
              settings_extra: dict | None = None) -> VizData:
     """One compiled pipeline call for all prompts, keeping the trajectory (and attention maps if asked)."""
-    from sdjax.trajectories import initial_latents
-
     if not prompts:
         raise SdjaxError("no prompt given (--prompt TEXT)")
     height = height or pipe.default_size
     width = width or pipe.default_size
     pipe.check_inputs(height, width, steps)
-    seeds = default_seeds(seed, len(prompts))
-    # Same noise and step key as the first shard of `sdjax trajectories --seed seed`, so both agree.
-    out = pipe(pipe.prepare_inputs(prompts), params, jax.random.PRNGKey(seed + 1_000_003),
+    seeds = sample_seeds(seed, range(len(prompts)))
+    # Same noise and loop key as the first shard of `sdjax trajectories --seed seed`, so both agree.
+    out = pipe(pipe.prepare_inputs(prompts), params, loop_key(seed, 0),
                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                latents=initial_latents(pipe, seeds, height, width), return_trajectory=True,
                output_attentions=attentions)
@@ -117,9 +112,6 @@ def from_output(pipe, out, prompts: list[str], seeds: list[int] | None = None, s
 
 def from_shard(path) -> VizData:
     """A shard written by `sdjax trajectories` (or `sdjax.trajectories.save_shard`)."""
-    from sdjax.schedulers.registry import SCHEDULERS
-    from sdjax.trajectories import load_shard
-
     s = load_shard(path)
     settings = dict(s["settings"])
     name = settings.get("scheduler")

@@ -2,6 +2,13 @@
 
 Layout convention: tokens are [batch, length, channels]; heads are split as [batch, length, heads, head_dim],
 the layout `jax.nn.dot_product_attention` takes, so GPU/TPU get their fused kernels.
+
+The implementation is a module field (`attention_kernel` on every model), one of ATTENTION_KERNELS:
+  "auto"   (default) "einsum" on CPU, "xla" elsewhere, chosen for the platform the program is compiled
+           for (`lax.platform_dependent`), not the process's default backend;
+  "einsum" explicit heads-major einsums + softmax (also used whenever probabilities are asked for);
+  "xla"    `jax.nn.dot_product_attention` (XLA picks its fused kernel);
+  "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention (GPU only).
 """
 
 from __future__ import annotations
@@ -10,30 +17,62 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ..errors import ConfigError
+
 # Collection name under which cross-attention layers `sow` their head-averaged attention probabilities.
 # Apply with `mutable=[ATTENTION_PROBS]` to get them; without it the fused path runs and nothing is kept.
 ATTENTION_PROBS = "attention_probs"
 
 
-def dot_product_attention(q, k, v, *, mask=None, is_causal=False, scale=None, upcast=False, return_probs=False):
+ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn")
+
+
+def check_kernel(value, allowed, field: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def dot_product_attention(q, k, v, *, mask=None, is_causal=False, scale=None, upcast=False, return_probs=False,
+                          kernel: str = "auto"):
     """softmax(q k^T * scale [+ mask]) v over [B, T, N, H] inputs.
 
     mask: boolean, broadcastable to [B, N, Tq, Tk], True = attend.
     upcast: compute scores and softmax in float32 (diffusers' `upcast_attention`, SD 2.1).
     return_probs: also return the probabilities [B, N, Tq, Tk] (float32); uses the explicit
-        einsum path instead of the fused kernel.
+        einsum path whatever the kernel.
+    kernel: one of ATTENTION_KERNELS (see the module's docstring).
     """
+    check_kernel(kernel, ATTENTION_KERNELS, "attention_kernel")
     out_dtype = q.dtype
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if not return_probs and _use_fused():
-        if upcast:
-            v = v.astype(jnp.float32)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+    if return_probs or kernel == "einsum":
+        return _einsum_attention(q, k, v, mask, is_causal, scale, out_dtype, return_probs)
+    if upcast:
+        v = v.astype(jnp.float32)
+
+    def fused(q, k, v, implementation=None):
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal,
+                                           implementation=implementation)
         return out.astype(out_dtype)
-    # Explicit path, heads-major: [B, N, T, H], so both matmuls have leading batch dims (B, N).
+
+    if kernel == "xla":
+        return fused(q, k, v)
+    if kernel == "cudnn":
+        return fused(q, k, v, implementation="cudnn")
+    # "auto": decided when the program is lowered for its platform. On CPU the fused call is XLA's
+    # reference implementation, which contracts [B, T, N, H] operands whose batch dims (B, N) are not
+    # leading; XLA:CPU runs that several times slower than heads-major batched matmuls (bench/unet.py:
+    # ~10x on the tiny UNet's 1024-token self-attention, see BENCHMARKS.md).
+    return jax.lax.platform_dependent(
+        q, k, v, cpu=lambda q, k, v: _einsum_attention(q, k, v, mask, is_causal, scale, out_dtype, False),
+        default=fused)
+
+
+def _einsum_attention(q, k, v, mask, is_causal, scale, out_dtype, return_probs):
+    """Explicit path, heads-major: [B, N, T, H], so both matmuls have leading batch dims (B, N)."""
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     scores = jnp.einsum("bnqh,bnkh->bnqk", q, k).astype(jnp.float32) * scale
     if is_causal:
@@ -45,16 +84,6 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal=False, scale=None, up
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.swapaxes(jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v), 1, 2).astype(out_dtype)
     return (out, probs) if return_probs else out
-
-
-def _use_fused() -> bool:
-    """The fused `jax.nn.dot_product_attention` on GPU/TPU; the explicit heads-major einsums on CPU.
-
-    On CPU the fused call is XLA's reference implementation, which contracts [B, T, N, H] operands whose
-    batch dims (B, N) are not leading; XLA:CPU runs that several times slower than the heads-major
-    batched matmuls (bench/unet.py: ~10x on the tiny UNet's 1024-token self-attention, see BENCHMARKS.md).
-    """
-    return jax.default_backend() != "cpu"
 
 
 class Attention(nn.Module):
@@ -76,6 +105,7 @@ class Attention(nn.Module):
     residual_connection: bool = False
     rescale_output_factor: float = 1.0
     sow_probs: bool = False  # sow head-averaged probs into ATTENTION_PROBS when that collection is mutable
+    attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -105,7 +135,7 @@ class Attention(nn.Module):
             out, probs = dot_product_attention(q, k, v, upcast=self.upcast_attention, return_probs=True)
             self.sow(ATTENTION_PROBS, "probs", probs.mean(axis=1))  # [B, Tq, Tk], averaged over heads
         else:
-            out = dot_product_attention(q, k, v, upcast=self.upcast_attention)
+            out = dot_product_attention(q, k, v, upcast=self.upcast_attention, kernel=self.attention_kernel)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         out = nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(out)
 

@@ -51,6 +51,9 @@ class AutoencoderKL(nn.Module, FlaxModelMixin):
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # Not config keys: how the program runs (see sdjax.models.attention / resnet). Same numbers either way.
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     # Options whose other values sdjax does not implement ("swish" is diffusers' alias of SiLU).
@@ -85,11 +88,12 @@ class AutoencoderKL(nn.Module, FlaxModelMixin):
             raise ConfigError(f"AutoencoderKL: config key 'act_fn' = {self.act_fn!r} is not supported "
                               f"(supported: 'silu', 'swish')")
         super().__post_init__()
+        self._check_runtime()
 
     def setup(self):
         common = dict(block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                       norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
-                      dtype=self.dtype)
+                      attention_kernel=self.attention_kernel, conv_kernel=self.conv_kernel, dtype=self.dtype)
         self.encoder = Encoder(in_channels=self.in_channels, out_channels=self.latent_channels,
                                down_block_types=self.down_block_types, double_z=True, **common)
         self.decoder = Decoder(in_channels=self.latent_channels, out_channels=self.out_channels,

@@ -76,6 +76,7 @@ class CLIPTextEmbeddings(nn.Module):
 class CLIPAttention(nn.Module):
     hidden_size: int
     num_heads: int
+    attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -85,7 +86,8 @@ class CLIPAttention(nn.Module):
         dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, name=name)
         split = lambda t: t.reshape(b, length, self.num_heads, head_dim)
         q, k, v = split(dense("q_proj")(x)), split(dense("k_proj")(x)), split(dense("v_proj")(x))
-        out = dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=head_dim ** -0.5)
+        out = dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=head_dim ** -0.5,
+                                    kernel=self.attention_kernel)
         return dense("out_proj")(out.reshape(b, length, self.hidden_size))
 
 
@@ -110,13 +112,15 @@ class CLIPEncoderLayer(nn.Module):
     num_heads: int
     hidden_act: str
     layer_norm_eps: float
+    attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask=None):
         ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
         h = ln("layer_norm1")(x)
-        x = x + CLIPAttention(self.hidden_size, self.num_heads, dtype=self.dtype, name="self_attn")(h, mask)
+        x = x + CLIPAttention(self.hidden_size, self.num_heads, self.attention_kernel, dtype=self.dtype,
+                              name="self_attn")(h, mask)
         h = ln("layer_norm2")(x)
         return x + CLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, dtype=self.dtype, name="mlp")(h)
 
@@ -128,6 +132,7 @@ class CLIPEncoder(nn.Module):
     num_heads: int
     hidden_act: str
     layer_norm_eps: float
+    attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -136,7 +141,8 @@ class CLIPEncoder(nn.Module):
         states = [x]
         for i in range(self.num_hidden_layers):
             x = CLIPEncoderLayer(self.hidden_size, self.intermediate_size, self.num_heads, self.hidden_act,
-                                 self.layer_norm_eps, dtype=self.dtype, name=f"layers_{i}")(x, mask)
+                                 self.layer_norm_eps, self.attention_kernel, dtype=self.dtype,
+                                 name=f"layers_{i}")(x, mask)
             states.append(x)
         return x, tuple(states)
 
@@ -159,6 +165,7 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
     pad_token_id: int | None = 1
     bos_token_id: int | None = 49406
     eos_token_id: int | None = 49407
+    attention_kernel: str = "auto"  # not a config key: see sdjax.models.attention
     dtype: jnp.dtype = jnp.float32
 
     _config_format: ClassVar[str] = "transformers"
@@ -180,6 +187,7 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
             raise ConfigError(f"CLIPTextModel: hidden_size {self.hidden_size} is not a multiple of "
                               f"num_attention_heads {self.num_attention_heads}")
         super().__post_init__()
+        self._check_runtime()
 
     def to_json_config(self) -> dict[str, Any]:
         cfg = super().to_json_config()
@@ -210,8 +218,8 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
         if attention_mask is not None:  # [B, L] -> [B, 1, 1, L]: which keys each query may attend to
             mask = jnp.asarray(attention_mask).reshape(-1, length).astype(bool)[:, None, None, :]
         x, states = CLIPEncoder(self.num_hidden_layers, self.hidden_size, self.intermediate_size,
-                                self.num_attention_heads, self.hidden_act, self.layer_norm_eps, dtype=self.dtype,
-                                name="encoder")(x, mask)
+                                self.num_attention_heads, self.hidden_act, self.layer_norm_eps,
+                                self.attention_kernel, dtype=self.dtype, name="encoder")(x, mask)
         last = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
 
         if self.eos_token_id == 2:

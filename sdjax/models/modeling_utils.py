@@ -14,11 +14,7 @@ A model class is a Flax module whose dataclass fields are its config keys. It de
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +25,9 @@ import numpy as np
 from .. import convert
 from ..errors import ConfigError, WeightsError
 from ..hub import resolve_folder
+from .attention import ATTENTION_KERNELS, check_kernel
+from .resnet import CONV_KERNELS
+from ..io import LOAD_THREADS, SafetensorsFiles, listing, read_json, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ BOOKKEEPING_KEYS = frozenset({
     "chunk_size_feed_forward", "is_encoder_decoder", "tie_word_embeddings", "problem_type",
 })
 
+# Module fields that are not config keys: how the program runs (compute dtype, kernel choices).
+RUNTIME_FIELDS = ("dtype", "attention_kernel", "conv_kernel")
 DIFFUSERS_VERSION = "0.35.0"  # written into saved configs: the format version we produce
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 MAX_LISTED = 20
@@ -55,11 +56,19 @@ class FlaxModelMixin:
     # ------------------------------------------------------------------ config
     @classmethod
     def config_fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name", "dtype")}
+        return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name") + RUNTIME_FIELDS}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], dtype=jnp.float32, source: str | None = None):
-        """Build the module from a config dict. Unsupported values raise ConfigError naming the key."""
+    def runtime_fields(cls) -> tuple[str, ...]:
+        """The fields that say how the program runs, not what it computes: dtype and the kernel choices."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return tuple(n for n in RUNTIME_FIELDS if n in names)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], dtype=jnp.float32, source: str | None = None, **runtime):
+        """Build the module from a config dict. Unsupported values raise ConfigError naming the key.
+
+        runtime: the module's kernel choices (`attention_kernel`, `conv_kernel`), which are not config keys."""
         where = f" in {source}" if source else ""
         fields = cls.config_fields()
         kwargs = {}
@@ -75,7 +84,17 @@ class FlaxModelMixin:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
             elif key not in cls._config_supported and key not in BOOKKEEPING_KEYS:
                 logger.debug("%s: ignoring config key %r%s", cls.__name__, key, where)
-        return cls(**kwargs, dtype=dtype)
+        unknown = [k for k in runtime if k not in cls.runtime_fields()]
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_config: unknown argument(s) {unknown}; "
+                            f"runtime fields: {', '.join(cls.runtime_fields())}")
+        return cls(**kwargs, dtype=dtype, **runtime)
+
+    def _check_runtime(self) -> None:
+        """Kernel choices are checked when the module is built (a typo would otherwise fail at compile time)."""
+        for name, allowed in (("attention_kernel", ATTENTION_KERNELS), ("conv_kernel", CONV_KERNELS)):
+            if name in self.runtime_fields():
+                check_kernel(getattr(self, name), allowed, f"{type(self).__name__}.{name}")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -102,18 +121,19 @@ class FlaxModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, dtype=jnp.float32,
                         param_dtype=None, allow_pickle: bool = False, variant: str | None = None,
-                        revision: str | None = None):
+                        revision: str | None = None, **runtime):
         """Load (module, params) from a diffusers/transformers folder or hub repo id.
 
         dtype: compute dtype. param_dtype: dtype of the returned params (default: dtype).
         allow_pickle: also read pickled `.bin` weights (with torch.load(weights_only=True)); off by default.
+        runtime: kernel choices (`attention_kernel=`, `conv_kernel=`), see sdjax.models.attention / resnet.
         """
         folder = resolve_folder(pretrained_model_name_or_path, subfolder)
         config_path = folder / "config.json"
         if not config_path.is_file():
-            raise WeightsError(f"no config.json in {folder} (has: {_listing(folder)})")
-        config = read_json(config_path)
-        model = cls.from_config(config, dtype=dtype, source=str(config_path))
+            raise WeightsError(f"no config.json in {folder} (has: {listing(folder)})")
+        config = read_json(config_path, error=WeightsError)
+        model = cls.from_config(config, dtype=dtype, source=str(config_path), **runtime)
         param_dtype = dtype if param_dtype is None else param_dtype
         params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant,
                                    materialize=lambda x: jnp.asarray(x, dtype=param_dtype))
@@ -156,91 +176,6 @@ class FlaxModelMixin:
         write_json(save_directory / "config.json", self.to_json_config())
 
 
-# ---------------------------------------------------------------------- files
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path} is not valid JSON: {e}") from None
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False).encode() + b"\n"))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should have a normal file's mode
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    from safetensors.numpy import save
-
-    # bfloat16 leaves: safetensors' numpy writer knows ml_dtypes' bfloat16 only through flax; go via jnp.
-    if any(t.dtype == jnp.bfloat16 for t in tensors.values()):
-        from safetensors.flax import save as save_flax
-
-        data = save_flax({k: jnp.asarray(v) for k, v in tensors.items()}, metadata={"format": "pt", **(metadata or {})})
-    else:
-        data = save(tensors, metadata={"format": "pt", **(metadata or {})})
-    atomic_write(path, lambda f: f.write(data))
-
-
-# Threads that read and convert tensors while loading (layout changes are strided copies; 2 threads halve
-# SD 1.5's UNet load on a 2-core CPU, see BENCHMARKS.md).
-LOAD_THREADS = min(8, os.cpu_count() or 1)
-
-
-def _unreadable(path, e) -> WeightsError:
-    return WeightsError(f"cannot read safetensors file {path}: {type(e).__name__}: {e} "
-                        "(truncated or corrupt download? delete it and fetch it again)")
-
-
-class SafetensorsFiles(Mapping):
-    """The tensors of one or more safetensors files as a read-only mapping; a tensor is read (as a numpy
-    array, from the memory-mapped file) only when it is looked up."""
-
-    def __init__(self, files):
-        from safetensors import safe_open
-
-        self._handles, self._where = [], {}
-        for path in files:
-            try:
-                handle = safe_open(str(path), framework="numpy")
-                keys = list(handle.keys())
-            except Exception as e:
-                raise _unreadable(path, e) from None
-            self._handles.append((path, handle))
-            for k in keys:
-                self._where[k] = len(self._handles) - 1
-
-    def __getitem__(self, key):
-        path, handle = self._handles[self._where[key]]
-        try:
-            return handle.get_tensor(key)
-        except Exception as e:
-            raise _unreadable(path, e) from None
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self):
-        return len(self._where)
-
-
 def find_weights(folder: Path, allow_pickle: bool = False, variant: str | None = None):
     """Pick the weights file(s) in a folder: ('safetensors'|'msgpack'|'pickle', [paths])."""
     folder = Path(folder)
@@ -251,7 +186,7 @@ def find_weights(folder: Path, allow_pickle: bool = False, variant: str | None =
             return "safetensors", [single]
         index = folder / f"{base}{v}.safetensors.index.json"
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
+            weight_map = read_json(index, error=WeightsError).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise WeightsError(f"{index} has no 'weight_map' dict")
             shards = [folder / name for name in dict.fromkeys(weight_map.values())]
@@ -274,7 +209,7 @@ def find_weights(folder: Path, allow_pickle: bool = False, variant: str | None =
         return "pickle", pickles[:1] if len(pickles) == 1 else [p for p in pickles if "index" not in p.name]
     raise WeightsError(f"no weights found in {folder}: expected diffusion_pytorch_model.safetensors, "
                        f"model.safetensors, a sharded *.safetensors.index.json, or a Flax *.msgpack "
-                       f"(has: {_listing(folder)})")
+                       f"(has: {listing(folder)})")
 
 
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
@@ -298,11 +233,6 @@ def _read_msgpack(path: Path) -> dict:
     except Exception as e:
         raise WeightsError(f"cannot read Flax msgpack {path}: {type(e).__name__}: {e}") from None
     return tree.get("params", tree) if isinstance(tree, dict) else tree
-
-
-def _listing(folder: Path) -> str:
-    names = sorted(p.name for p in Path(folder).iterdir())
-    return ", ".join(names) if names else "nothing"
 
 
 def _normalize(v):

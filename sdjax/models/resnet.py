@@ -16,19 +16,32 @@ def group_norm(num_groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: int | None = None) -> nn.Conv:
-    pad = kernel // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, name=name, conv_general_dilated=conv_general_dilated)
-
-
-# Outputs of at most this many pixels are computed as one matmul on CPU (see conv_general_dilated).
+# How 3x3 convolutions run: a module field (`conv_kernel` on the UNet and the VAE), one of CONV_KERNELS:
+#   "auto"   (default) "matmul" in programs compiled for CPU, "xla" elsewhere (`lax.platform_dependent`);
+#   "xla"    `lax.conv_general_dilated` always;
+#   "matmul" outputs of at most SMALL_CONV_PIXELS pixels as one matmul over the 3x3 patches (im2col).
+CONV_KERNELS = ("auto", "xla", "matmul")
+# Outputs of at most this many pixels are computed as one matmul by the "matmul" kernel.
 SMALL_CONV_PIXELS = 64
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated`, except for small NHWC outputs on CPU: patches @ kernel, one matmul.
+def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: int | None = None,
+         conv_kernel: str = "auto") -> nn.Conv:
+    pad = kernel // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   dtype=dtype, name=name, conv_general_dilated=CONV_FUNCTIONS[conv_kernel])
+
+
+def _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, precision=None, **kwargs):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+def _matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                 feature_group_count=1, precision=None, **kwargs):
+    """`lax.conv_general_dilated`, except for small NHWC outputs: patches @ kernel, one matmul.
 
     XLA:CPU runs a 3x3 convolution whose input is smaller than its window (SD's 2x2 deepest level at
     128x128) by swapping the operands and reversing the kernel: 85 ms instead of 2 ms for
@@ -39,27 +52,52 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                           feature_group_count, precision)
     if out is not None:
         return out
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
+    return _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, precision, **kwargs)
 
 
-def _conv_as_matmul(x, kernel, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups, precision):
-    """The im2col form of an NHWC/HWIO convolution when it applies and pays off; else None."""
-    if jax.default_backend() != "cpu" or groups != 1 or x.ndim != 4 or isinstance(padding, str):
+def _auto_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+               feature_group_count=1, precision=None, **kwargs):
+    """"matmul" where the program is compiled for CPU, "xla" on GPU/TPU (only that branch is compiled)."""
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision)
+    if _matmul_output_size(lhs, rhs, *args[:-1]) is None:  # not a small conv: no choice to make
+        return _xla_conv(lhs, rhs, *args, **kwargs)
+    return lax.platform_dependent(lhs, rhs, cpu=lambda a, b: _matmul_conv(a, b, *args, **kwargs),
+                                  default=lambda a, b: _xla_conv(a, b, *args, **kwargs))
+
+
+CONV_FUNCTIONS = {"auto": _auto_conv, "xla": _xla_conv, "matmul": _matmul_conv}
+
+
+def _matmul_output_size(x, kernel, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
+    """(Ho, Wo) when the convolution is a small NHWC/HWIO one that the matmul form serves; else None."""
+    if groups != 1 or x.ndim != 4 or isinstance(padding, str):
         return None
     if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         return None
     nhwc = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
     if lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) != nhwc:
         return None
-    kh, kw, cin, cout = kernel.shape
+    kh, kw = kernel.shape[:2]
     (pt, pb), (pl, pr) = padding
     sh, sw = strides
-    b, h, w, _ = x.shape
+    h, w = x.shape[1:3]
     ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
     if kh * kw == 1 or ho * wo > SMALL_CONV_PIXELS:
         return None
+    return ho, wo
+
+
+def _conv_as_matmul(x, kernel, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups, precision):
+    """The im2col form of an NHWC/HWIO convolution when it applies and pays off; else None."""
+    size = _matmul_output_size(x, kernel, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups)
+    if size is None:
+        return None
+    ho, wo = size
+    kh, kw, cin, cout = kernel.shape
+    (pt, pb), (pl, pr) = padding
+    sh, sw = strides
+    b = x.shape[0]
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     taps = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
     patches = jnp.concatenate(taps, axis=-1)  # [B, Ho, Wo, kh*kw*Cin], (i, j, c) order = the kernel's HWI order
@@ -76,6 +114,7 @@ class ResnetBlock2D(nn.Module):
     groups: int = 32
     eps: float = 1e-6
     output_scale_factor: float = 1.0
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -83,13 +122,13 @@ class ResnetBlock2D(nn.Module):
         out_channels = self.out_channels or self.in_channels
         h = group_norm(self.groups, self.eps, self.dtype, "norm1")(x)
         h = nn.silu(h)
-        h = conv(out_channels, 3, self.dtype, "conv1")(h)
+        h = conv(out_channels, 3, self.dtype, "conv1", conv_kernel=self.conv_kernel)(h)
         if self.temb_channels is not None:
             t = nn.Dense(out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = group_norm(self.groups, self.eps, self.dtype, "norm2")(h)
         h = nn.silu(h)
-        h = conv(out_channels, 3, self.dtype, "conv2")(h)
+        h = conv(out_channels, 3, self.dtype, "conv2", conv_kernel=self.conv_kernel)(h)
         if self.in_channels != out_channels:
             x = conv(out_channels, 1, self.dtype, "conv_shortcut")(x)
         out = x + h
@@ -103,13 +142,15 @@ class Downsample2D(nn.Module):
 
     out_channels: int
     padding: int = 1
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.out_channels, 3, self.dtype, "conv", stride=2, padding=self.padding)(x)
+        return conv(self.out_channels, 3, self.dtype, "conv", stride=2, padding=self.padding,
+                    conv_kernel=self.conv_kernel)(x)
 
 
 class Upsample2D(nn.Module):
@@ -121,6 +162,7 @@ class Upsample2D(nn.Module):
     """
 
     out_channels: int
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -132,4 +174,4 @@ class Upsample2D(nn.Module):
             out_h, out_w = output_size
             x = x[:, (jnp.arange(out_h) * h) // out_h]
             x = x[:, :, (jnp.arange(out_w) * w) // out_w]
-        return conv(self.out_channels, 3, self.dtype, "conv")(x)
+        return conv(self.out_channels, 3, self.dtype, "conv", conv_kernel=self.conv_kernel)(x)

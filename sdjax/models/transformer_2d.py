@@ -48,6 +48,7 @@ class BasicTransformerBlock(nn.Module):
     cross_attention_dim: int | None = None
     upcast_attention: bool = False
     norm_eps: float = 1e-5
+    attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -58,7 +59,7 @@ class BasicTransformerBlock(nn.Module):
         def attention(name, cross_dim, sow):
             return Attention(query_dim=self.dim, heads=self.num_attention_heads, dim_head=self.attention_head_dim,
                              cross_attention_dim=cross_dim, upcast_attention=self.upcast_attention,
-                             sow_probs=sow, dtype=self.dtype, name=name)
+                             sow_probs=sow, attention_kernel=self.attention_kernel, dtype=self.dtype, name=name)
 
         # Self-attention never sows: its [HW, HW] maps are large and the visualization wants text maps only.
         x = x + attention("attn1", None, sow=False)(layer_norm("norm1")(x))
@@ -82,6 +83,7 @@ class Transformer2DModel(nn.Module):
     norm_num_groups: int = 32
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -102,7 +104,8 @@ class Transformer2DModel(nn.Module):
         for i in range(self.num_layers):
             x = BasicTransformerBlock(inner_dim, self.num_attention_heads, self.attention_head_dim,
                                       cross_attention_dim=self.cross_attention_dim,
-                                      upcast_attention=self.upcast_attention, dtype=self.dtype,
+                                      upcast_attention=self.upcast_attention,
+                                      attention_kernel=self.attention_kernel, dtype=self.dtype,
                                       name=f"transformer_blocks_{i}")(x, context)
         x = proj_out(x.reshape(b, h, w, inner_dim))
         return x + residual

@@ -24,6 +24,8 @@ class DownBlock2D(nn.Module):
     resnet_groups: int = 32
     add_downsample: bool = True
     downsample_padding: int = 1
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -32,11 +34,11 @@ class DownBlock2D(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels,
                               self.temb_channels, groups=self.resnet_groups, eps=self.resnet_eps,
-                              dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+                              conv_kernel=self.conv_kernel, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                             name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, padding=self.downsample_padding, conv_kernel=self.conv_kernel,
+                             dtype=self.dtype, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -57,6 +59,8 @@ class CrossAttnDownBlock2D(nn.Module):
     downsample_padding: int = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -65,12 +69,12 @@ class CrossAttnDownBlock2D(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels,
                               self.temb_channels, groups=self.resnet_groups, eps=self.resnet_eps,
-                              dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+                              conv_kernel=self.conv_kernel, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
             x = _transformer(self, f"attentions_{i}")(x, context)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                             name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, padding=self.downsample_padding, conv_kernel=self.conv_kernel,
+                             dtype=self.dtype, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -89,6 +93,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     cross_attention_dim: int = 1280
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -100,7 +106,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         def resnet(i):
             return ResnetBlock2D(self.in_channels, self.in_channels, self.temb_channels, groups=self.resnet_groups,
                                  eps=self.resnet_eps, output_scale_factor=self.output_scale_factor,
-                                 dtype=self.dtype, name=f"resnets_{i}")
+                                 conv_kernel=self.conv_kernel, dtype=self.dtype, name=f"resnets_{i}")
 
         x = resnet(0)(x, temb)
         for i in range(self.num_layers):
@@ -124,6 +130,8 @@ class UpBlock2D(nn.Module):
     resnet_eps: float = 1e-6
     resnet_groups: int = 32
     add_upsample: bool = True
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -132,7 +140,8 @@ class UpBlock2D(nn.Module):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = _up_resnet(self, i)(x, temb)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.out_channels, conv_kernel=self.conv_kernel, dtype=self.dtype,
+                           name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -152,6 +161,8 @@ class CrossAttnUpBlock2D(nn.Module):
     add_upsample: bool = True
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -161,7 +172,8 @@ class CrossAttnUpBlock2D(nn.Module):
             x = _up_resnet(self, i)(x, temb)
             x = _transformer(self, f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.out_channels, conv_kernel=self.conv_kernel, dtype=self.dtype,
+                           name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -171,7 +183,8 @@ def _up_resnet(block, i: int) -> ResnetBlock2D:
     skip_channels = block.in_channels if i == block.num_layers - 1 else block.out_channels
     x_channels = block.prev_output_channel if i == 0 else block.out_channels
     return ResnetBlock2D(x_channels + skip_channels, block.out_channels, block.temb_channels,
-                         groups=block.resnet_groups, eps=block.resnet_eps, dtype=block.dtype, name=f"resnets_{i}")
+                         groups=block.resnet_groups, eps=block.resnet_eps, conv_kernel=block.conv_kernel,
+                         dtype=block.dtype, name=f"resnets_{i}")
 
 
 def _transformer(block, name: str) -> Transformer2DModel:
@@ -180,5 +193,6 @@ def _transformer(block, name: str) -> Transformer2DModel:
         block.num_attention_heads, block.out_channels // block.num_attention_heads, in_channels=block.out_channels,
         num_layers=block.transformer_layers_per_block, cross_attention_dim=block.cross_attention_dim,
         norm_num_groups=block.resnet_groups, use_linear_projection=block.use_linear_projection,
-        upcast_attention=block.upcast_attention, dtype=block.dtype, name=name,
+        upcast_attention=block.upcast_attention, attention_kernel=block.attention_kernel, dtype=block.dtype,
+        name=name,
     )

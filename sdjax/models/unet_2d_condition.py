@@ -84,6 +84,9 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
     mid_block_only_cross_attention: bool | None = None
     cross_attention_norm: str | None = None
     addition_embed_type_num_heads: int = 64  # only read with addition_embed_type="text"
+    # Not config keys: how the program runs (see sdjax.models.attention / resnet). Same numbers either way.
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     # Options whose non-default values (SDXL's add embeddings, class labels, GLIGEN, ...) are not implemented.
@@ -126,6 +129,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
                 object.__setattr__(self, f, tuple(tuple(v) if isinstance(v, list) else v for v in value))
         super().__post_init__()
         self._check_config()
+        self._check_runtime()
 
     def _check_config(self):
         def refuse(key, value, supported):
@@ -200,7 +204,9 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
         x = jnp.transpose(sample, (0, 2, 3, 1))  # NCHW -> NHWC
         if self.center_input_sample:
             x = 2 * x - 1.0
-        x = conv(boc[0], self.conv_in_kernel, self.dtype, "conv_in", padding=(self.conv_in_kernel - 1) // 2)(x)
+        kernels = dict(attention_kernel=self.attention_kernel, conv_kernel=self.conv_kernel)
+        x = conv(boc[0], self.conv_in_kernel, self.dtype, "conv_in", padding=(self.conv_in_kernel - 1) // 2,
+                 conv_kernel=self.conv_kernel)(x)
         context = encoder_hidden_states
 
         # 3. down: every resnet/attention output and every downsample is a skip for the up path.
@@ -209,7 +215,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
             common = dict(in_channels=boc[max(i - 1, 0)], out_channels=boc[i], temb_channels=time_embed_dim,
                           num_layers=layers[i], resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups,
                           add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
-                          dtype=self.dtype, name=f"down_blocks_{i}")
+                          dtype=self.dtype, name=f"down_blocks_{i}", **kernels)
             if block_type == "CrossAttnDownBlock2D":
                 x, block_skips = CrossAttnDownBlock2D(
                     **common, transformer_layers_per_block=tlayers[i], num_attention_heads=heads[i],
@@ -226,7 +232,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
                 resnet_groups=self.norm_num_groups, num_attention_heads=heads[-1],
                 output_scale_factor=self.mid_block_scale_factor, cross_attention_dim=cross_dims[-1],
                 use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
-                dtype=self.dtype, name="mid_block")(x, emb, context)
+                dtype=self.dtype, name="mid_block", **kernels)(x, emb, context)
 
         # 5. up, widths reversed. Each up block has one more resnet than its down block (it also eats the
         # downsample's skip). Upsampling targets the size of the next skip, so odd latent sizes work.
@@ -240,7 +246,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
             common = dict(in_channels=rboc[min(i + 1, n - 1)], prev_output_channel=rboc[max(i - 1, 0)],
                           out_channels=rboc[i], temb_channels=time_embed_dim, num_layers=num_layers,
                           resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups, add_upsample=not is_final,
-                          dtype=self.dtype, name=f"up_blocks_{i}")
+                          dtype=self.dtype, name=f"up_blocks_{i}", **kernels)
             if block_type == "CrossAttnUpBlock2D":
                 x = CrossAttnUpBlock2D(
                     **common, transformer_layers_per_block=rtlayers[i], num_attention_heads=rheads[i],
@@ -253,5 +259,5 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
         x = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(x)
         x = nn.silu(x)
         x = conv(self.out_channels, self.conv_out_kernel, self.dtype, "conv_out",
-                 padding=(self.conv_out_kernel - 1) // 2)(x)
+                 padding=(self.conv_out_kernel - 1) // 2, conv_kernel=self.conv_kernel)(x)
         return jnp.transpose(x, (0, 3, 1, 2)).astype(out_dtype)  # NHWC -> NCHW

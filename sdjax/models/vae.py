@@ -102,6 +102,8 @@ class DownEncoderBlock2D(nn.Module):
     resnet_eps: float = VAE_EPS
     add_downsample: bool = True
     downsample_padding: int = 0
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -109,12 +111,12 @@ class DownEncoderBlock2D(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock2D(
                 in_channels=self.in_channels if i == 0 else self.out_channels, out_channels=self.out_channels,
-                temb_channels=None, groups=self.resnet_groups, eps=self.resnet_eps, dtype=self.dtype,
-                name=f"resnets_{i}",
+                temb_channels=None, groups=self.resnet_groups, eps=self.resnet_eps, conv_kernel=self.conv_kernel,
+                dtype=self.dtype, name=f"resnets_{i}",
             )(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                             name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, padding=self.downsample_padding, conv_kernel=self.conv_kernel,
+                             dtype=self.dtype, name="downsamplers_0")(x)
         return x
 
 
@@ -127,6 +129,8 @@ class UpDecoderBlock2D(nn.Module):
     resnet_groups: int = 32
     resnet_eps: float = VAE_EPS
     add_upsample: bool = True
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -134,11 +138,11 @@ class UpDecoderBlock2D(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock2D(
                 in_channels=self.in_channels if i == 0 else self.out_channels, out_channels=self.out_channels,
-                temb_channels=None, groups=self.resnet_groups, eps=self.resnet_eps, dtype=self.dtype,
-                name=f"resnets_{i}",
+                temb_channels=None, groups=self.resnet_groups, eps=self.resnet_eps, conv_kernel=self.conv_kernel,
+                dtype=self.dtype, name=f"resnets_{i}",
             )(x)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, conv_kernel=self.conv_kernel, dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
 
@@ -156,6 +160,8 @@ class UNetMidBlock2D(nn.Module):
     resnet_eps: float = VAE_EPS
     add_attention: bool = True
     attention_head_dim: int | None = None  # None: in_channels (one head)
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -165,7 +171,8 @@ class UNetMidBlock2D(nn.Module):
 
         def resnet(i):
             return ResnetBlock2D(in_channels=c, out_channels=c, temb_channels=None, groups=self.resnet_groups,
-                                 eps=self.resnet_eps, dtype=self.dtype, name=f"resnets_{i}")
+                                 eps=self.resnet_eps, conv_kernel=self.conv_kernel, dtype=self.dtype,
+                                 name=f"resnets_{i}")
 
         x = resnet(0)(x)
         for i in range(self.num_layers):
@@ -173,7 +180,7 @@ class UNetMidBlock2D(nn.Module):
                 x = Attention(
                     query_dim=c, heads=c // head_dim, dim_head=head_dim, bias=True,
                     norm_num_groups=self.resnet_groups, norm_eps=self.resnet_eps, residual_connection=True,
-                    dtype=self.dtype, name=f"attentions_{i}",
+                    attention_kernel=self.attention_kernel, dtype=self.dtype, name=f"attentions_{i}",
                 )(x)
             x = resnet(i + 1)(x)
         return x
@@ -193,12 +200,15 @@ class Encoder(nn.Module):
     norm_num_groups: int = 32
     double_z: bool = True
     mid_block_add_attention: bool = True
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         boc = tuple(self.block_out_channels)
-        x = conv(boc[0], 3, self.dtype, "conv_in")(x)
+        kernels = dict(attention_kernel=self.attention_kernel, conv_kernel=self.conv_kernel)
+        x = conv(boc[0], 3, self.dtype, "conv_in", conv_kernel=self.conv_kernel)(x)
         output_channel = boc[0]
         for i, block_type in enumerate(self.down_block_types):
             if block_type != "DownEncoderBlock2D":
@@ -207,16 +217,16 @@ class Encoder(nn.Module):
             x = DownEncoderBlock2D(
                 in_channels=input_channel, out_channels=output_channel, num_layers=self.layers_per_block,
                 resnet_groups=self.norm_num_groups, add_downsample=i != len(boc) - 1, downsample_padding=0,
-                dtype=self.dtype, name=f"down_blocks_{i}",
+                conv_kernel=self.conv_kernel, dtype=self.dtype, name=f"down_blocks_{i}",
             )(x)
         x = UNetMidBlock2D(
             in_channels=boc[-1], resnet_groups=self.norm_num_groups, add_attention=self.mid_block_add_attention,
-            attention_head_dim=boc[-1], dtype=self.dtype, name="mid_block",
+            attention_head_dim=boc[-1], dtype=self.dtype, name="mid_block", **kernels,
         )(x)
         x = group_norm(self.norm_num_groups, VAE_EPS, self.dtype, "conv_norm_out")(x)
         x = nn.silu(x)
         out = 2 * self.out_channels if self.double_z else self.out_channels
-        return conv(out, 3, self.dtype, "conv_out")(x)
+        return conv(out, 3, self.dtype, "conv_out", conv_kernel=self.conv_kernel)(x)
 
 
 class Decoder(nn.Module):
@@ -229,15 +239,18 @@ class Decoder(nn.Module):
     layers_per_block: int = 2
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
+    attention_kernel: str = "auto"
+    conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z):
         boc = tuple(self.block_out_channels)
-        x = conv(boc[-1], 3, self.dtype, "conv_in")(z)
+        kernels = dict(attention_kernel=self.attention_kernel, conv_kernel=self.conv_kernel)
+        x = conv(boc[-1], 3, self.dtype, "conv_in", conv_kernel=self.conv_kernel)(z)
         x = UNetMidBlock2D(
             in_channels=boc[-1], resnet_groups=self.norm_num_groups, add_attention=self.mid_block_add_attention,
-            attention_head_dim=boc[-1], dtype=self.dtype, name="mid_block",
+            attention_head_dim=boc[-1], dtype=self.dtype, name="mid_block", **kernels,
         )(x)
         rev = tuple(reversed(boc))
         output_channel = rev[0]
@@ -247,9 +260,9 @@ class Decoder(nn.Module):
             prev_output_channel, output_channel = output_channel, rev[i]
             x = UpDecoderBlock2D(
                 in_channels=prev_output_channel, out_channels=output_channel, num_layers=self.layers_per_block + 1,
-                resnet_groups=self.norm_num_groups, add_upsample=i != len(boc) - 1, dtype=self.dtype,
-                name=f"up_blocks_{i}",
+                resnet_groups=self.norm_num_groups, add_upsample=i != len(boc) - 1, conv_kernel=self.conv_kernel,
+                dtype=self.dtype, name=f"up_blocks_{i}",
             )(x)
         x = group_norm(self.norm_num_groups, VAE_EPS, self.dtype, "conv_norm_out")(x)
         x = nn.silu(x)
-        return conv(self.out_channels, 3, self.dtype, "conv_out")(x)
+        return conv(self.out_channels, 3, self.dtype, "conv_out", conv_kernel=self.conv_kernel)(x)

@@ -19,6 +19,7 @@ clean sample (diffusers' ``pred_original_sample``), in the same space as the lat
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 import os
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError  # an SdjaxError and a ValueError
+from ..io import write_json
 
 F32 = np.float32
 
@@ -345,6 +347,17 @@ class Scheduler:
     def _patch_alphas_cumprod(cls, cfg: dict, alphas_cumprod: np.ndarray) -> np.ndarray:
         return alphas_cumprod
 
+    # Equal (and hashed) by method and config: a scheduler is a static argument of compiled programs, so
+    # two schedulers built from the same config share JAX's compiled program.
+    def _identity(self):
+        return type(self), json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+
+    def __hash__(self):
+        return hash(self._identity())
+
+    def __eq__(self, other):
+        return isinstance(other, Scheduler) and self._identity() == other._identity()
+
     def __repr__(self):
         keys = ("num_train_timesteps", "beta_schedule", "prediction_type", "timestep_spacing")
         body = ", ".join(f"{k}={self.config[k]!r}" for k in keys if k in self.config)
@@ -352,8 +365,6 @@ class Scheduler:
 
     def save_pretrained(self, save_directory) -> None:
         """Write ``scheduler_config.json`` (diffusers' format) into ``save_directory``."""
-        from ..models.modeling_utils import write_json
-
         os.makedirs(save_directory, exist_ok=True)
         cfg = {k: v for k, v in self.config.to_dict().items() if k != "_use_default_values"}
         cfg["_class_name"] = self.diffusers_class

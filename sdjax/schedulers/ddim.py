@@ -76,6 +76,24 @@ class DDIMScheduler(Scheduler):
             noise_std=f(std),
         )
 
+    def state_from_levels(self, timesteps, alpha_bars):
+        """A deterministic (eta = 0) DDIM state for any decreasing sequence of noise levels, traced or not:
+        call k evaluates the model at timesteps[k] (may be fractional) where alpha_bar = alpha_bars[k] and
+        steps to alpha_bars[k + 1]; alpha_bars has one entry more than timesteps (the last 1.0: clean).
+        (Song et al. 2020, eq. 12 with sigma = 0.) Used by sdjax.viz to finish a trajectory from any x_t."""
+        a = jnp.asarray(alpha_bars, jnp.float32)
+        a_t, a_prev = a[:-1], a[1:]
+        zeros = jnp.zeros_like(a_t)
+        return DDIMState(
+            timesteps=jnp.asarray(timesteps, jnp.float32),
+            noise_levels=(1.0 - a_t) ** 0.5,
+            sqrt_alpha_prod=a_t ** 0.5,
+            sqrt_beta_prod=(1.0 - a_t) ** 0.5,
+            sqrt_alpha_prod_prev=a_prev ** 0.5,
+            direction_coef=(1.0 - a_prev) ** 0.5,
+            noise_std=zeros,
+        )
+
     def step(self, state, model_output, step_index, sample, key=None, noise=None):
         out_dtype = sample.dtype
         mo = model_output.astype(jnp.float32)

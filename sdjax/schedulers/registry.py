@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 from ..errors import SdjaxError
+from ..hub import looks_like_repo_id
+from ..io import read_json
 from .base import ConfigError, Scheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
@@ -122,23 +123,12 @@ def get_scheduler(name_or_config_or_instance, base_config: Mapping | None = None
 CONFIG_NAME = "scheduler_config.json"
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def load_scheduler_config(folder_or_repo: str | os.PathLike, subfolder: str | None = "scheduler") -> dict:
     """The dict in ``<folder_or_repo>/<subfolder>/scheduler_config.json`` (local folder, the json file
     itself, or a hub repo id)."""
     path = os.fspath(folder_or_repo)
     if os.path.isfile(path):
-        return _read_json(path)
+        return read_json(path)
     if os.path.isdir(path):
         candidates = []
         if subfolder:
@@ -146,10 +136,8 @@ def load_scheduler_config(folder_or_repo: str | os.PathLike, subfolder: str | No
         candidates.append(os.path.join(path, CONFIG_NAME))
         for c in candidates:
             if os.path.isfile(c):
-                return _read_json(c)
+                return read_json(c)
         raise SdjaxError(f"no {CONFIG_NAME} in {path!r} (looked for: {', '.join(candidates)})")
-    from ..hub import looks_like_repo_id
-
     if not looks_like_repo_id(path):
         raise SdjaxError(f"no {CONFIG_NAME}: folder not found: {path!r}")
     # a hub repo id
@@ -162,7 +150,7 @@ def load_scheduler_config(folder_or_repo: str | os.PathLike, subfolder: str | No
         raise SdjaxError(
             f"could not get {where}: {path!r} is not a local folder and the hub download failed ({e})"
         ) from None
-    return _read_json(file)
+    return read_json(file)
 
 
 def load_scheduler(folder_or_repo: str | os.PathLike, subfolder: str | None = "scheduler", **overrides) -> Scheduler:

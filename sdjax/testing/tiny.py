@@ -1,6 +1,7 @@
-"""Build small random Stable Diffusion folders with diffusers/transformers (PyTorch), as users' folders are.
+"""Small random Stable Diffusion folders, saved by diffusers/transformers (PyTorch) as users' folders are.
 
-Test-only: imports torch. Weights are perturbed away from their init so a wrong mapping cannot hide.
+Needs torch, diffusers and transformers (the test extra); imported only by tests/ and bench/. Weights are
+perturbed away from their init so that a wrong mapping cannot hide behind symmetric or constant values.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from train.tokenizer import bytes_to_unicode
-
+from ..tokenizer import bytes_to_unicode
 from .reference import perturb_
 
 UNET = dict(

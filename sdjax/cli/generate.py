@@ -1,8 +1,4 @@
-"""The `sdjax` command: generate, trajectories, viz, demo.
-
-User errors (bad paths, bad arguments, unreadable weights) print one line and exit with status 2;
-a traceback means a bug in sdjax.
-"""
+"""`sdjax generate` and `sdjax trajectories`, and the model options every sampling command shares."""
 
 from __future__ import annotations
 
@@ -11,18 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import SdjaxError, exit_code
+from ..errors import SdjaxError
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def default_model() -> str:
-    from .assets import toy_model_path
-
-    return str(toy_model_path())
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="diffusers-format Stable Diffusion folder or hub repo id (default: the shipped toy model)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
@@ -32,18 +23,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="compute and parameter dtype (default: float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and parameter dtype (default: float32)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="persistent compilation cache folder (or set SDJAX_COMPILE_CACHE)")
+                   help="JAX's persistent compilation cache folder (or set JAX_COMPILATION_CACHE_DIR)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX/Flax.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_commands(sub) -> None:
     g = sub.add_parser("generate", help="text -> images (PNG) and a JSON of the settings")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default: 1)")
@@ -51,32 +38,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("trajectories", help="batch-generate denoising trajectories for many prompts (resumable)")
-    _add_model_args(t)
+    add_model_args(t)
     t.add_argument("--prompts", required=True, help="text file, one prompt per line")
     t.add_argument("--batch-size", type=int, default=4, help="prompts per compiled call and per shard (default: 4)")
     t.add_argument("--save-images", action="store_true", help="also write each final image as PNG")
     t.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     t.set_defaults(func=cmd_trajectories)
 
-    try:
-        from viz.cli import add_viz_commands
-    except ImportError:
-        add_viz_commands = None
-    if add_viz_commands is not None:
-        add_viz_commands(sub, _add_model_args)
-    return parser
+
+def default_model() -> str:
+    from ..assets import toy_model_path
+
+    return str(toy_model_path())
 
 
 def load_pipeline(args):
+    """(pipeline, params, model name, steps, guidance) from the shared model options."""
     import jax.numpy as jnp
 
-    from .pipeline_stable_diffusion import FlaxStableDiffusionPipeline
+    from ..compilation import enable_compile_cache
+    from ..pipelines import FlaxStableDiffusionPipeline
 
+    if args.compile_cache:
+        enable_compile_cache(args.compile_cache)
     model = args.model or default_model()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     print(f"loading {model} ...", file=sys.stderr)
-    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(model, dtype=dtype, scheduler=args.scheduler,
-                                                               compile_cache_dir=args.compile_cache)
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(model, dtype=dtype, scheduler=args.scheduler)
     toy = args.model is None
     steps = args.steps if args.steps is not None else (25 if toy else 50)
     guidance = args.guidance if args.guidance is not None else (5.0 if toy else 7.5)
@@ -84,11 +72,10 @@ def load_pipeline(args):
 
 
 def cmd_generate(args) -> None:
-    import jax
     import numpy as np
-    from PIL import Image
 
-    from .models.modeling_utils import atomic_write, write_json
+    from ..io import write_json, write_png
+    from ..seeds import initial_noise, loop_key, sample_seeds
 
     if args.num_images < 1:
         raise SdjaxError(f"--num-images must be >= 1, got {args.num_images}")
@@ -97,15 +84,19 @@ def cmd_generate(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
     neg = pipe.prepare_inputs([args.negative_prompt] * args.num_images)
+    height, width = args.height or pipe.default_size, args.width or pipe.default_size
+    pipe.check_inputs(height, width, steps)
+    # image i starts from the noise of seed + i: the same image as `sdjax viz` / `sdjax trajectories` give
+    latents = initial_noise(sample_seeds(args.seed, range(args.num_images)), pipe.latent_shape(1, height, width)[1:])
     t0 = time.perf_counter()
-    result = pipe(ids, params, jax.random.PRNGKey(args.seed), num_inference_steps=steps, guidance_scale=guidance,
-                  height=args.height, width=args.width, neg_prompt_ids=neg, return_trajectory=False)
+    result = pipe(ids, params, loop_key(args.seed), num_inference_steps=steps, guidance_scale=guidance,
+                  height=height, width=width, latents=latents, neg_prompt_ids=neg, return_trajectory=False)
     images = np.asarray(result.images)
     seconds = time.perf_counter() - t0
     files = []
     for i, img in enumerate(images):
         path = out / f"image-{i:03d}.png"
-        atomic_write(path, lambda f, img=img: Image.fromarray(np.round(img * 255).astype(np.uint8)).save(f, format="PNG"))
+        write_png(path, img)
         files.append(path.name)
     write_json(out / "settings.json", {
         "model": model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": steps,
@@ -117,7 +108,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_trajectories(args) -> None:
-    from .trajectories import read_prompts, run_trajectories
+    from ..trajectories import read_prompts, run_trajectories
 
     prompts = read_prompts(args.prompts)
     pipe, params, model, steps, guidance = load_pipeline(args)
@@ -125,16 +116,3 @@ def cmd_trajectories(args) -> None:
                                 guidance_scale=guidance, seed=args.seed, height=args.height, width=args.width,
                                 save_images=args.save_images, settings_extra={"model": model, "dtype": args.dtype})
     print(f"{len(manifest['shards'])} shard(s) for {len(prompts)} prompts in {args.out} (manifest.json)")
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
-    return exit_code(lambda: args.func(args), f"sdjax {args.command}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

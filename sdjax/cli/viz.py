@@ -1,4 +1,4 @@
-"""`sdjax viz` and `sdjax demo`, added to the sdjax CLI by `sdjax.cli.build_parser`."""
+"""`sdjax viz` and `sdjax demo`: the one-step completion pictures (sdjax.viz) from the command line."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.errors import SdjaxError
-
-COMPLETION_STEPS = (1, 2, 4)  # as viz.completion.COMPLETION_STEPS (not imported here: it loads jax)
+from ..errors import SdjaxError
+from ..viz import COMPLETION_STEPS
+from .generate import add_model_args, load_pipeline
 # Captions of the toy model's training set ("a {color} {shape} on a {background} background").
 DEMO_PROMPTS = (
     "a red circle on a white background",
@@ -30,7 +30,7 @@ def _add_viz_options(p: argparse.ArgumentParser) -> None:
                         "default: 4)")
 
 
-def add_viz_commands(subparsers, add_model_args) -> None:
+def add_commands(subparsers) -> None:
     v = subparsers.add_parser(
         "viz", help="one-step completions of a trajectory: grid.png, completions.gif, convergence.png/.json, "
                     "attention.png")
@@ -62,11 +62,8 @@ def _report(files: dict, out: Path, seconds: float) -> None:
 
 
 def _live(args, prompts: list[str]) -> None:
-    from sdjax.cli import load_pipeline
-
-    from .attention import select_words
-    from .pictures import render
-    from .run import run_live
+    from ..viz import render, run_live
+    from ..viz.attention import select_words
 
     t0 = time.perf_counter()
     pipe, params, model, steps, guidance = load_pipeline(args)
@@ -87,10 +84,7 @@ def cmd_viz(args) -> None:
             raise SdjaxError("--prompt TEXT is required (or --shard FILE to draw a saved trajectory)")
         return _live(args, args.prompt)
 
-    from sdjax.cli import load_pipeline
-
-    from .pictures import render
-    from .run import from_shard
+    from ..viz import from_shard, render
 
     t0 = time.perf_counter()
     if args.prompt:

@@ -1,0 +1,197 @@
+"""Files: JSON, atomic writes, safetensors (streamed by tensor), PNG. Every writer in sdjax goes through here.
+
+    write_json(path, obj)          # valid JSON only (a NaN is refused), written to a temp file then renamed
+    atomic_write(path, lambda f: f.write(data))
+    SafetensorsFiles([paths])      # a read-only mapping: a tensor is read when it is looked up
+    write_png(path, image)         # float [H, W, 3] in [0, 1] or uint8
+
+Readers never see half a file: a writer writes `.<name>.<random>.tmp` in the target's folder and renames it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, SdjaxError, WeightsError
+
+# Threads that read and convert tensors while loading (layout changes are strided copies; 2 threads halve
+# SD 1.5's UNet load on a 2-core CPU, see BENCHMARKS.md).
+LOAD_THREADS = min(8, os.cpu_count() or 1)
+TMP_SUFFIX = ".tmp"
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+def read_json(path, what: str = "file", error: type[SdjaxError] = ConfigError) -> dict:
+    """A JSON object from `path`; a missing file, bad JSON or a non-object raises `error` naming the file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a folder, expected a JSON {what}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _finite(obj, where=""):
+    """Check that a JSON-bound object holds no NaN/inf (which json writes as bare NaN: not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"refusing to write the non-finite number {obj} at {where or 'the top'} as JSON")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _finite(v, f"{where}[{i}]")
+
+
+def dumps_json(obj) -> str:
+    _finite(obj)
+    return json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n"
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def write_json(path, obj) -> None:
+    """Write `obj` as JSON atomically. NaN and inf are refused (they are not JSON)."""
+    text = dumps_json(obj).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def atomic_write(path, write) -> None:
+    """Call `write(f)` on a new file beside `path`, then rename it to `path`: readers never see half a file.
+
+    The file is created with mode 0o666 minus the process umask (a normal file's mode), by the OS itself:
+    nothing here reads or changes the umask."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temp_files(folder) -> int:
+    """Delete the temp files an interrupted writer left in `folder` (never read by anyone)."""
+    n = 0
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink()
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- images
+def to_uint8(image) -> np.ndarray:
+    """float [.., 3] in [0, 1] (clipped) or uint8 -> uint8."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    return np.round(np.clip(image.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def write_png(path, image) -> None:
+    """The one PNG writer: float [H, W, 3|1] in [0, 1] or uint8, written atomically."""
+    from PIL import Image
+
+    img = to_uint8(image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    atomic_write(path, lambda f: Image.fromarray(img).save(f, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    from safetensors.numpy import save
+
+    meta = {"format": "pt", **(metadata or {})}
+    if any(np.asarray(t).dtype.name == "bfloat16" for t in tensors.values()):
+        # safetensors' numpy writer does not know ml_dtypes' bfloat16; its flax writer does.
+        import jax.numpy as jnp
+        from safetensors.flax import save as save_flax
+
+        data = save_flax({k: jnp.asarray(v) for k, v in tensors.items()}, metadata=meta)
+    else:
+        data = save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _unreadable(path, e) -> WeightsError:
+    return WeightsError(f"cannot read safetensors file {path}: {type(e).__name__}: {e} "
+                        "(truncated or corrupt download? delete it and fetch it again)")
+
+
+class SafetensorsFiles(Mapping):
+    """The tensors of one or more safetensors files as a read-only mapping; a tensor is read (as a numpy
+    array, from the memory-mapped file) only when it is looked up. A tensor name in two files is an error."""
+
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        self._handles, self._where = [], {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="numpy")
+                keys = list(handle.keys())
+            except Exception as e:
+                raise _unreadable(path, e) from None
+            self._handles.append((path, handle))
+            for k in keys:
+                if k in self._where:
+                    first = self._handles[self._where[k]][0]
+                    raise WeightsError(f"tensor {k!r} is in two weight files, {first} and {path}: "
+                                       "which one is meant is unknown (a broken sharded checkpoint?)")
+                self._where[k] = len(self._handles) - 1
+
+    def file_of(self, key) -> Path:
+        return Path(self._handles[self._where[key]][0])
+
+    def __getitem__(self, key):
+        path, handle = self._handles[self._where[key]]
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise _unreadable(path, e) from None
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+def listing(folder) -> str:
+    """A folder's entries, for error messages."""
+    try:
+        names = sorted(p.name for p in Path(folder).iterdir())
+    except OSError:
+        return "nothing readable"
+    return ", ".join(names) if names else "nothing"

@@ -1,0 +1,7 @@
+"""Pipelines: each composes the models with the one denoising engine (`engine.denoise`)."""
+
+from .engine import Settings, denoise
+from .output import FlaxStableDiffusionPipelineOutput, Trajectory
+from .stable_diffusion import FlaxStableDiffusionPipeline
+
+__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings", "denoise"]

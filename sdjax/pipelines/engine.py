@@ -1,0 +1,100 @@
+"""The one engine every pipeline runs on: a `jax.lax.scan` over the scheduler's model calls.
+
+    final, trajectory = denoise(scheduler, state, latents, model_fn, key)
+
+`model_fn(state, sample, i)` returns the model output the scheduler steps with (the UNet's prediction,
+already guided), and optionally per-step extras (attention maps). Everything a pipeline adds (text,
+an image, a mask, ControlNet residuals, a classifier's gradient) lives in its `model_fn` and
+`post_step`; the loop, the trajectory and x̂0 are the same for all of them.
+
+The compiled programs are two module-level callables, built once: `run_jit` (jax.jit) and `run_pmap`
+(jax.pmap, diffusers' `jit=True`). The pipeline object and a `Settings` value are static arguments,
+hashed by value, so JAX's own cache holds one program per (pipeline config, settings, shapes);
+everything else (prompts, guidance, strength, noise, images) is traced and never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .output import Trajectory
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a compiled program is specialised on (static): step count, size, which outputs."""
+
+    num_inference_steps: int
+    height: int
+    width: int
+    return_trajectory: bool = True
+    output_attentions: bool = False
+
+
+def denoise(scheduler, state, latents, model_fn, key, *, start=0, post_step=None, return_trajectory=True):
+    """Run the scheduler's model calls `start` .. N-1 on `latents` in one `lax.scan`.
+
+    scheduler, state: an sdjax scheduler and its `set_timesteps` state.
+    model_fn(state, sample, i) -> (model_output, extras): the prediction at call i (extras: a pytree or None).
+    key: the sampler's own randomness (ancestral steps); call i uses fold_in(key, i).
+    start: the first call to run (image-to-image); a traced int costs only the calls it runs (the others are
+        skipped by `lax.cond`), so changing it does not recompile. A Python 0 compiles no condition at all.
+    post_step(sample, x0, i) -> sample: applied after each scheduler step (inpainting puts the known region back).
+    Returns (final sample, Trajectory or None). The trajectory has all N calls: entries before `start` hold
+    the unchanged sample and zeros (`Trajectory.steps(start)` cuts them off).
+    """
+    n = scheduler.num_model_calls(state)
+
+    def run(carry, i):
+        sched_state, sample = carry
+        out, extras = model_fn(sched_state, sample, i)
+        sched_state, sample, x0 = scheduler.step(sched_state, out, i, sample, key=jax.random.fold_in(key, i))
+        if post_step is not None:
+            sample = post_step(sample, x0, i)
+        return (sched_state, sample), (sample, x0, extras)
+
+    def skipped(carry, i):  # a call before `start`: the sample stays, x̂0 and extras are zeros
+        _, x0, extras = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, carry, i)[1])
+        return carry, (carry[1], x0, extras)
+
+    always = not isinstance(start, jax.Array) and int(start) == 0
+
+    def step(carry, i):
+        new, ys = run(carry, i) if always else jax.lax.cond(i >= start, run, skipped, carry, i)
+        return new, ys if return_trajectory else None
+
+    (_, final), ys = jax.lax.scan(step, (state, latents), jnp.arange(n))
+    if not return_trajectory:
+        return final, None
+    samples, x0s, extras = ys
+    trajectory = Trajectory(
+        latents=jnp.concatenate([latents[None], samples]),
+        pred_original_samples=x0s,
+        timesteps=state.timesteps,
+        noise_levels=jax.vmap(lambda i: scheduler.sigma_or_noise_level(state, i))(jnp.arange(n)),
+        attention_maps=extras,
+    )
+    return final, trajectory
+
+
+# ------------------------------------------------------------------------------------------ compiled entries
+def _run(pipe, settings, inputs, params, key):
+    return pipe.generate(settings, inputs, params, key)
+
+
+#: One jax.jit program per (pipeline, settings, input shapes): JAX's cache; used with and without a mesh.
+run_jit = jax.jit(_run, static_argnums=(0, 1))
+#: diffusers' `jit=True`: the same program pmapped over local devices (inputs and params with a device axis).
+run_pmap = jax.pmap(_run, axis_name="devices", static_broadcasted_argnums=(0, 1))
+
+
+def place_on_mesh(mesh: Mesh, inputs, params, key):
+    """Put a call's arguments on a mesh: every input split along its leading (batch) axis over all of the
+    mesh's axes, params and key replicated. `run_jit` then compiles for that placement."""
+    batch = NamedSharding(mesh, P(mesh.axis_names))
+    replicated = NamedSharding(mesh, P())
+    return (jax.device_put(inputs, batch), jax.device_put(params, replicated), jax.device_put(key, replicated))

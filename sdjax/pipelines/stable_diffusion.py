@@ -1,0 +1,283 @@
+"""FlaxStableDiffusionPipeline: text -> image, with the whole denoising trajectory, in one compiled call.
+
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained("path/or/repo", dtype=jnp.bfloat16)
+    prompt_ids = pipe.prepare_inputs(["a photo of a cat"])
+    out = pipe(prompt_ids, params, jax.random.PRNGKey(0), num_inference_steps=50)
+    out.images                         # [B, H, W, 3] float32 in [0, 1]
+    out.trajectory.latents             # [T+1, B, C, h, w]: x_T, then the sample after every step
+    out.trajectory.pred_original_samples  # [T, B, C, h, w]: the model's x̂0 at every step
+
+Data flows one way (`generate`): prompt ids -> text embeddings -> `engine.denoise` (one `lax.scan` over
+steps: UNet on the uncond/cond batch, guidance, scheduler step, x̂0) -> latents -> VAE decode -> images.
+T is the number of model evaluations: the scheduler's `timesteps` (T+1 for PLMS, 2T-1 for Heun, as in diffusers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ..errors import SdjaxError
+from ..guidance import classifier_free_guidance
+from ..io import write_json
+from ..models.attention import ATTENTION_PROBS
+from ..models.autoencoder_kl import AutoencoderKL
+from ..models.clip_text import CLIPTextModel
+from ..models.unet_2d_condition import UNet2DConditionModel
+from ..schedulers import get_scheduler, load_scheduler_config
+from ..tokenizer import load_tokenizer
+from .base import DiffusionPipeline, check_components, open_pipeline_folder, runtime_for, weight_patterns
+from .engine import Settings, denoise
+from .output import FlaxStableDiffusionPipelineOutput
+
+
+class FlaxStableDiffusionPipeline(DiffusionPipeline):
+    """Stateless, like diffusers' Flax pipeline: the modules live here, their params are passed to each call."""
+
+    components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+    def __init__(self, text_encoder: CLIPTextModel, vae: AutoencoderKL, unet: UNet2DConditionModel,
+                 tokenizer, scheduler, dtype=jnp.float32, scheduler_base_config: dict | None = None):
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.unet = unet
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.scheduler_base_config = dict(scheduler_base_config or scheduler.config)
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, dtype=jnp.float32, scheduler=None,
+                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None, **runtime):
+        """Load a diffusers-format Stable Diffusion folder (or hub repo id): returns (pipeline, params).
+
+        scheduler: None (the folder's own), a name (ddim, pndm, euler, ...), a config dict, or a scheduler.
+        runtime: kernel choices for every model (`attention_kernel=`, `conv_kernel=`; default "auto").
+        """
+        root, index = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),
+                                           revision=revision)
+        check_components(index, root / "model_index.json", cls.components, cls.__name__)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle)
+        text_encoder, te_params = CLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", **kw, **runtime_for(CLIPTextModel, runtime))
+        vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw, **runtime_for(AutoencoderKL, runtime))
+        unet, unet_params = UNet2DConditionModel.from_pretrained(
+            root, subfolder="unet", **kw, **runtime_for(UNet2DConditionModel, runtime))
+        tokenizer = load_tokenizer(root, subfolder="tokenizer")
+        # The folder's raw config is the base for any other method, keys of other schedulers included
+        # (SD's PNDM config carries `clip_sample: false` for DDIM), as diffusers' X.from_config does.
+        folder_config = load_scheduler_config(root, subfolder="scheduler")
+        sched = get_scheduler(folder_config if scheduler is None else scheduler, base_config=folder_config)
+        pipe = cls(text_encoder, vae, unet, tokenizer, sched, dtype=dtype, scheduler_base_config=folder_config)
+        params = {"text_encoder": te_params, "vae": vae_params, "unet": unet_params}
+        return pipe, params
+
+    @classmethod
+    def from_pipe(cls, pipe: "FlaxStableDiffusionPipeline", **changes):
+        """A pipeline of this class over another pipeline's modules (diffusers' `from_pipe`): nothing is
+        reloaded, and the same params dict serves both. `changes` replace components (e.g. scheduler=...)."""
+        parts = dict(text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet, tokenizer=pipe.tokenizer,
+                     scheduler=pipe.scheduler, dtype=pipe.dtype, scheduler_base_config=pipe.scheduler_base_config)
+        parts.update(changes)
+        if isinstance(parts["scheduler"], (str, dict)):
+            parts["scheduler"] = get_scheduler(parts["scheduler"], base_config=parts["scheduler_base_config"])
+        return cls(**parts)
+
+    def save_pretrained(self, save_directory, params) -> None:
+        """Write a diffusers-format folder (model_index.json + subfolders) that diffusers' PyTorch pipeline loads."""
+        root = Path(save_directory)
+        root.mkdir(parents=True, exist_ok=True)
+        self.text_encoder.save_pretrained(root / "text_encoder", params["text_encoder"])
+        self.vae.save_pretrained(root / "vae", params["vae"])
+        self.unet.save_pretrained(root / "unet", params["unet"])
+        self.tokenizer.save_pretrained(root / "tokenizer")
+        self.scheduler.save_pretrained(root / "scheduler")
+        write_json(root / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.35.0",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", self.scheduler.diffusers_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+
+    def with_scheduler(self, scheduler):
+        """A pipeline sharing these modules with another sampling method (name, config or scheduler)."""
+        return type(self).from_pipe(self, scheduler=scheduler)
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_inputs(self, prompt: str | list[str]) -> np.ndarray:
+        """Tokenize prompts to int32 [B, 77] (padded; longer prompts are truncated with a warning)."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+            raise SdjaxError(f"`prompt` has to be a string or a list of strings, got {type(prompt).__name__}")
+        max_len = self.tokenizer.model_max_length
+        ids = self.tokenizer(list(prompt), padding="max_length", max_length=max_len, truncation=True,
+                             return_tensors="np").input_ids
+        full = self.tokenizer(list(prompt), padding=False, truncation=False).input_ids
+        for p, f in zip(prompt, full):
+            if len(f) > max_len:
+                removed = self.tokenizer.decode(f[max_len - 1:-1])
+                warnings.warn(f"prompt is longer than the text encoder's {max_len} tokens and was truncated; "
+                              f"removed: {removed!r} (from prompt {p[:60]!r}...)", stacklevel=2)
+        return ids.astype(np.int32)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        return (batch, self.unet.out_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def check_inputs(self, height: int, width: int, num_inference_steps: int) -> None:
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.down_block_types) - 1)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+                raise SdjaxError(f"`{name}` must be a positive multiple of {multiple} (the VAE factor "
+                                 f"{self.vae_scale_factor} x the UNet's {2 ** (len(self.unet.down_block_types) - 1)}x "
+                                 f"downsampling), got {v}")
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise SdjaxError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+
+    def unconditional_ids(self, batch: int) -> np.ndarray:
+        return np.tile(self.prepare_inputs([""]), (batch, 1))
+
+    # ------------------------------------------------------------------ the computation (traced)
+    def encode_prompt(self, params, prompt_ids):
+        return self.text_encoder.apply({"params": params["text_encoder"]}, prompt_ids).last_hidden_state
+
+    def text_context(self, params, prompt_ids, neg_prompt_ids):
+        """[uncond; cond] text embeddings: one UNet call serves both halves of classifier-free guidance."""
+        return jnp.concatenate([self.encode_prompt(params, neg_prompt_ids), self.encode_prompt(params, prompt_ids)])
+
+    def unet_output(self, params, sample, timestep, context, output_attentions: bool = False):
+        """The UNet on [2B, C, h, w] at one timestep -> (prediction, cross-attention maps [B, h, w, L] or None)."""
+        variables = {"params": params["unet"]}
+        t = jnp.broadcast_to(timestep, (sample.shape[0],))
+        x = sample.astype(self.dtype)
+        if not output_attentions:
+            return self.unet.apply(variables, x, t, context), None
+        out, col = self.unet.apply(variables, x, t, context, mutable=[ATTENTION_PROBS])
+        return out, _token_maps(col[ATTENTION_PROBS], sample.shape[2:], sample.shape[0] // 2)
+
+    def guided_model(self, params, context, guidance_scale, output_attentions: bool = False):
+        """The engine's model_fn for text guidance: scaled input, UNet on [uncond; cond], classifier-free guidance."""
+        sched = self.scheduler
+
+        def model_fn(state, sample, i):
+            x = sched.scale_model_input(state, jnp.concatenate([sample] * 2), i)
+            out, maps = self.unet_output(params, x, state.timesteps[i], context, output_attentions)
+            return classifier_free_guidance(out, guidance_scale), maps
+
+        return model_fn
+
+    def generate(self, settings: Settings, inputs: dict, params, key):
+        """Traced: inputs {prompt_ids, neg_prompt_ids, guidance_scale [B], latents (optional)} -> (images, trajectory)."""
+        prompt_ids = inputs["prompt_ids"]
+        context = self.text_context(params, prompt_ids, inputs["neg_prompt_ids"])
+        shape = self.latent_shape(prompt_ids.shape[0], settings.height, settings.width)
+        state = self.scheduler.set_timesteps(settings.num_inference_steps, shape)
+        noise_key, loop_key = jax.random.split(key)
+        latents = inputs.get("latents")
+        if latents is None:
+            latents = jax.random.normal(noise_key, shape, dtype=jnp.float32)
+        latents = latents.astype(jnp.float32) * self.scheduler.init_noise_sigma(state)
+        model_fn = self.guided_model(params, context, inputs["guidance_scale"], settings.output_attentions)
+        final, trajectory = denoise(self.scheduler, state, latents, model_fn, loop_key,
+                                    return_trajectory=settings.return_trajectory)
+        return self.decode_latents(params["vae"], final), trajectory
+
+    def __call__(self, prompt_ids, params, prng_seed, num_inference_steps: int = 50,
+                 guidance_scale: float | jax.Array = 7.5, height: int | None = None, width: int | None = None,
+                 latents=None, neg_prompt_ids=None, jit: bool = False, return_trajectory: bool = True,
+                 decode_trajectory: bool = False, output_attentions: bool = False, mesh: Mesh | None = None):
+        """Generate images (and the trajectory) in one compiled call.
+
+        jit=False: one jax.jit program on the default device, any batch size.
+        jit=True: jax.pmap over local devices, as diffusers did: params replicated (flax.jax_utils.replicate),
+            prompt_ids [n_devices, per_device, 77], prng_seed [n_devices, 2]; outputs gain a leading device axis.
+        mesh=Mesh(...): jax.jit with the batch sharded over the mesh's devices (multi-host ready).
+        guidance_scale: a number, or one per prompt ([B]); traced, so changing it does not recompile.
+        """
+        height = height or self.default_size
+        width = width or self.default_size
+        self.check_inputs(height, width, num_inference_steps)
+        settings = Settings(num_inference_steps=int(num_inference_steps), height=int(height), width=int(width),
+                            return_trajectory=bool(return_trajectory), output_attentions=bool(output_attentions))
+        inputs = self._text_inputs(prompt_ids, neg_prompt_ids, guidance_scale, jit, mesh)
+        if latents is not None:
+            inputs["latents"] = jnp.asarray(latents, jnp.float32)
+        images, traj = self._run(settings, inputs, params, prng_seed, jit=jit, mesh=mesh)
+        frames = None
+        if decode_trajectory and traj is not None:
+            frames = self._decode_trajectory(params, traj, jit)
+        return FlaxStableDiffusionPipelineOutput(images=images, trajectory=traj, frames=frames)
+
+    # ------------------------------------------------------------------ host-side helpers
+    def _text_inputs(self, prompt_ids, neg_prompt_ids, guidance_scale, jit: bool, mesh) -> dict:
+        """The batch-major inputs every text-guided pipeline starts from (with a device axis when jit=True)."""
+        prompt_ids = jnp.asarray(prompt_ids, dtype=jnp.int32)
+        length = self.tokenizer.model_max_length
+        if jit:
+            if prompt_ids.ndim != 3:
+                raise SdjaxError(f"with jit=True, prompt_ids must be sharded as [n_devices, per_device, {length}] "
+                                 f"(flax.training.common_utils.shard); got shape {tuple(prompt_ids.shape)}")
+            n_dev = prompt_ids.shape[0]
+            if n_dev != jax.local_device_count():
+                raise SdjaxError(f"with jit=True, prompt_ids' leading axis ({n_dev}) must equal the number of local "
+                                 f"devices ({jax.local_device_count()}); the batch must be divisible by it")
+            batch_shape = prompt_ids.shape[:2]
+            if neg_prompt_ids is None:
+                neg_prompt_ids = np.broadcast_to(self.unconditional_ids(batch_shape[1]), prompt_ids.shape)
+        else:
+            if prompt_ids.ndim != 2:
+                raise SdjaxError(f"prompt_ids must be [batch, {length}] int32 (pipe.prepare_inputs), got shape "
+                                 f"{tuple(prompt_ids.shape)}")
+            batch_shape = prompt_ids.shape[:1]
+            if mesh is not None and batch_shape[0] % mesh.size:
+                raise SdjaxError(f"batch size {batch_shape[0]} must be divisible by the mesh's {mesh.size} devices")
+            if neg_prompt_ids is None:
+                neg_prompt_ids = self.unconditional_ids(batch_shape[0])
+        guidance = jnp.asarray(guidance_scale, jnp.float32)
+        if jit and guidance.ndim == 1 and guidance.shape[0] == batch_shape[0]:  # one per device (diffusers)
+            guidance = guidance[:, None]
+        return {"prompt_ids": prompt_ids, "neg_prompt_ids": jnp.asarray(neg_prompt_ids, jnp.int32),
+                "guidance_scale": jnp.broadcast_to(guidance, batch_shape)}
+
+    def _decode_trajectory(self, params, traj, jit: bool) -> np.ndarray:
+        x0 = traj.pred_original_samples
+        vae_params = params["vae"] if not jit else jax.tree_util.tree_map(lambda x: x[0], params["vae"])
+        if jit:  # [n_dev, T, per_dev, ...] -> [T, n_dev * per_dev, ...]
+            x0 = jnp.swapaxes(x0, 0, 1).reshape((x0.shape[1], -1) + x0.shape[3:])
+        return self.decode_frames(vae_params, x0)
+
+
+def _token_maps(sown: dict, latent_hw: tuple[int, int], batch: int):
+    """Average the sown cross-attention probabilities over layers -> [B, h, w, L] at latent resolution.
+
+    Each layer's probs are [2B, h_l * w_l, L] (uncond half first); we keep the conditional half, reshape
+    to the layer's resolution and upsample (nearest) to the latent's, then average over layers.
+    """
+    h, w = latent_hw
+    maps = []
+    for probs in jax.tree_util.tree_leaves(sown):
+        cond = probs[batch:]
+        n = cond.shape[1]
+        scale = int(round((h * w / n) ** 0.5))
+        hl, wl = h // scale, w // scale
+        m = cond.reshape(batch, hl, wl, -1)
+        m = jnp.repeat(jnp.repeat(m, scale, axis=1), scale, axis=2)
+        maps.append(m)
+    return jnp.mean(jnp.stack(maps), axis=0)
