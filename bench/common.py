@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("SDJAX_BENCH_CACHE", "/tmp/sdjax-bench"))
 OLDFLAX_PYTHON = Path(os.environ.get("SDJAX_BENCH_OLDFLAX_PYTHON", ROOT / ".bench-venv-oldflax" / "bin" / "python"))
 
@@ -139,7 +137,7 @@ def load_avg() -> tuple[float, float, float]:
 
 
 def busy_processes() -> list[str]:
-    """Other engineers' training / test processes (python -m train.*, pytest)."""
+    """Other engineers' training / test processes (sdjax train ..., pytest)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
     me = {os.getpid(), os.getppid()}
     busy = []
@@ -147,7 +145,7 @@ def busy_processes() -> list[str]:
         pid, _, args = line.strip().partition(" ")
         if int(pid) in me or "grep" in args:
             continue
-        if ("train." in args and "python" in args) or "pytest" in args:
+        if "sdjax train" in args or "sdjax.cli train" in args or "pytest" in args:
             busy.append(line.strip()[:120])
     return busy
 

@@ -6,7 +6,7 @@
 
 Parts (`--parts`, comma-separated):
   steps       For 10, 25 and 50 steps (`--steps-list`), in a fresh subprocess each (no persistent cache):
-              jax AOT on the pipeline's own jitted program (`pipe._compiled_generate("jit", static)`):
+              jax AOT on the pipeline's own jitted program (`sdjax.pipelines.engine.run_jit`):
               trace+lower time (`fn.lower(*args)`) and XLA compile time (`lowered.compile()`).
               With --first-call also first call minus the median warm call through `pipe(...)`
               (in separate fresh processes: after an AOT compile the jit call reuses the executable).
@@ -45,25 +45,25 @@ def _pipe(folder):
     return FlaxStableDiffusionPipeline.from_pretrained(folder, dtype=jnp.float32)
 
 
-def _args_for(pipe, batch, size, key_seed=0, guidance=7.5, prompts=None):
+def _args_for(pipe, batch, prompts=None):
+    """(inputs, key) of the pipeline's compiled program, as pipe(...) builds them (random latents)."""
     import jax
-    import jax.numpy as jnp
 
     prompts = prompts or (common.PROMPTS * batch)[:batch]
-    ids = jnp.asarray(pipe.prepare_inputs(prompts))
-    neg = jnp.asarray(pipe.unconditional_ids(batch))
-    lat = jnp.zeros(pipe.latent_shape(batch, size, size), jnp.float32)
-    return ids, jax.random.PRNGKey(key_seed), jnp.asarray(guidance, jnp.float32), lat, neg
+    inputs = pipe.text_inputs(pipe.prepare_inputs(prompts), None, 7.5, jit=False, mesh=None)
+    return inputs, jax.random.PRNGKey(0)
 
 
 def child_steps(a):
     """One steps value in a fresh process: AOT trace+lower and compile times (+ optional first-call - warm)."""
     import jax
 
+    from sdjax.pipelines.engine import Settings, run_jit
+
     pipe, params = _pipe(a.folder)
-    ids, key, g, lat, neg = _args_for(pipe, a.batch, a.size)
-    static = dict(num_inference_steps=a.steps, height=a.size, width=a.size, return_trajectory=False,
-                  output_attentions=False, random_latents=True)
+    inputs, key = _args_for(pipe, a.batch)
+    ids = inputs["prompt_ids"]
+    settings = Settings(num_inference_steps=a.steps, height=a.size, width=a.size, return_trajectory=False)
     if a.first_call:  # through pipe(...), in a process that has not compiled anything of this program yet
         def call():
             out = pipe(ids, params, key, num_inference_steps=a.steps, height=a.size, width=a.size,
@@ -80,9 +80,8 @@ def child_steps(a):
             warm.append(time.perf_counter() - t)
         return common.emit(dict(steps=a.steps, first_call_s=first, warm_s=statistics.median(warm),
                                 first_minus_warm_s=first - statistics.median(warm)))
-    fn = pipe._compiled_generate("jit", static)
     t = time.perf_counter()
-    lowered = fn.lower(ids, params, key, g, lat, neg)
+    lowered = run_jit.lower(pipe, settings, inputs, params, key)
     lower_s = time.perf_counter() - t
     t = time.perf_counter()
     compiled = lowered.compile()
@@ -127,9 +126,9 @@ def child_recompiles(a):
         before = counts["n"]
         call(**kw)
         rows.append(dict(change=what, backend_compiles=counts["n"] - before))
-    cache_sizes = {str(k[0]) + ":" + str(dict(k[1]).get("random_latents")): v._cache_size()
-                   for k, v in pipe._compiled.items() if hasattr(v, "_cache_size")}
-    common.emit(dict(first_call_compiles=first, rows=rows, jit_cache_sizes=cache_sizes))
+    from sdjax.pipelines.engine import run_jit
+
+    common.emit(dict(first_call_compiles=first, rows=rows, jit_cache_sizes={"run_jit": run_jit._cache_size()}))
 
 
 def child_coldstart(a):
@@ -158,7 +157,6 @@ def _child(a, part, extra):
     cmd = [sys.executable, __file__, "--child", part, "--folder", str(a.folder), "--batch", str(a.batch),
            "--size", str(a.size)] + extra
     env = dict(os.environ)
-    env.pop(common.__dict__.get("COMPILE_CACHE_ENV", "SDJAX_COMPILE_CACHE"), None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     r = common.run_child(cmd, env=env)
     if "error" in r:

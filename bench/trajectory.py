@@ -64,6 +64,8 @@ def main():
 
     import jax
     import jax.numpy as jnp
+
+    from sdjax.pipelines.engine import Settings, run_jit
     import numpy as np
 
     from sdjax.pipelines import FlaxStableDiffusionPipeline
@@ -76,12 +78,9 @@ def main():
     # -- compiled memory, per program
     mem = {}
     for ret in (False, True):
-        static = dict(num_inference_steps=a.steps, height=a.size, width=a.size, return_trajectory=ret,
-                      output_attentions=False, random_latents=True)
-        fn = pipe._compiled_generate("jit", static)
-        lat = jnp.zeros(pipe.latent_shape(a.batch, a.size, a.size), jnp.float32)
-        compiled = fn.lower(jnp.asarray(ids), params, key, jnp.float32(7.5), lat,
-                            jnp.asarray(pipe.unconditional_ids(a.batch))).compile()
+        settings = Settings(num_inference_steps=a.steps, height=a.size, width=a.size, return_trajectory=ret)
+        inputs = pipe.text_inputs(ids, None, 7.5, jit=False, mesh=None)
+        compiled = run_jit.lower(pipe, settings, inputs, params, key).compile()
         ma = compiled.memory_analysis()
         mem[f"return_trajectory={ret}"] = {k: getattr(ma, k) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",

@@ -216,7 +216,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         self.check_inputs(height, width, num_inference_steps)
         settings = Settings(num_inference_steps=int(num_inference_steps), height=int(height), width=int(width),
                             return_trajectory=bool(return_trajectory), output_attentions=bool(output_attentions))
-        inputs = self._text_inputs(prompt_ids, neg_prompt_ids, guidance_scale, jit, mesh)
+        inputs = self.text_inputs(prompt_ids, neg_prompt_ids, guidance_scale, jit, mesh)
         if latents is not None:
             inputs["latents"] = jnp.asarray(latents, jnp.float32)
         images, traj = self._run(settings, inputs, params, prng_seed, jit=jit, mesh=mesh)
@@ -226,7 +226,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         return FlaxStableDiffusionPipelineOutput(images=images, trajectory=traj, frames=frames)
 
     # ------------------------------------------------------------------ host-side helpers
-    def _text_inputs(self, prompt_ids, neg_prompt_ids, guidance_scale, jit: bool, mesh) -> dict:
+    def text_inputs(self, prompt_ids, neg_prompt_ids, guidance_scale, jit: bool, mesh) -> dict:
         """The batch-major inputs every text-guided pipeline starts from (with a device axis when jit=True)."""
         prompt_ids = jnp.asarray(prompt_ids, dtype=jnp.int32)
         length = self.tokenizer.model_max_length
