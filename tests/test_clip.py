@@ -16,8 +16,10 @@ from sdjax.tokenizer import load_tokenizer
 from sdjax.testing import perturb_, rel_err
 from sdjax.testing import write_tiny_tokenizer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="the PyTorch reference is a test extra: pip install torch==2.13.0 && pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers", reason="the PyTorch reference is a test extra: pip install torch==2.13.0 && pip install -e '.[test]'")
+
+pytestmark = pytest.mark.parity  # every test here compares with the PyTorch reference
 
 FP32_TOL = 1e-4
 # bf16 params and compute vs the fp32 torch reference, relative to each output's max |value|.

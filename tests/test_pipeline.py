@@ -71,6 +71,7 @@ def run_torch(torch_pipe, scheduler_name, latents, prompts=PROMPTS):
     return out.images, np.stack(steps)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("scheduler", list(TORCH_SCHEDULERS))
 def test_parity_with_diffusers_pipeline(loaded, torch_pipe, scheduler):
     pipe, params = loaded
@@ -148,6 +149,7 @@ def test_one_scan_and_no_recompile(loaded):
     assert run_jit._cache_size() == size
 
 
+@pytest.mark.slow
 def test_pmap_and_mesh_match_single_device(loaded):
     from flax.jax_utils import replicate
     from flax.training.common_utils import shard
@@ -207,6 +209,7 @@ def test_bad_inputs(loaded):
     assert long_ids.shape == (1, 77)
 
 
+@pytest.mark.parity
 def test_pipeline_save_roundtrip_to_diffusers(loaded, tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -251,6 +254,7 @@ def test_cli_user_errors_have_no_traceback(tmp_path):
     assert r.returncode == 2 and "prompts file not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_trajectories_resume_after_kill(folder, tmp_path):
     from sdjax.trajectories import load_shard
 

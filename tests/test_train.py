@@ -166,6 +166,7 @@ def test_config_errors(tmp_path):
     load_config(ldm.Config, ROOT / "configs" / "shapes_ldm.py")
 
 
+@pytest.mark.slow
 def test_resume_with_changed_config_is_refused(trained_ae):
     workdir, cfg, _ = trained_ae
     changed = tiny_config(autoencoder.Config, "shapes_autoencoder", TINY_AE | {"kl_weight": 1e-3})
@@ -191,6 +192,7 @@ def run_sdjax(*args):
                           text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -212,6 +214,7 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------- stage 1
+@pytest.mark.slow
 def test_autoencoder_trains_and_sets_scaling_factor(trained_ae):
     workdir, cfg, summary = trained_ae
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -228,6 +231,7 @@ def test_autoencoder_trains_and_sets_scaling_factor(trained_ae):
     assert any(r["loss"] != pytest.approx(r["l1"] + 1e-6 * r["kl"], rel=1e-5) for r in rows[cfg.disc_start:])
 
 
+@pytest.mark.slow
 def test_autoencoder_resumes_after_kill_9(tmp_path, trained_ae):
     """A real kill -9 of `sdjax train autoencoder`; the same command goes on from the last checkpoint and
     reaches the same parameters as an uninterrupted run."""
@@ -273,6 +277,7 @@ def trained_ldm(trained_ae, tmp_path_factory):
     return workdir, cfg, summary
 
 
+@pytest.mark.slow
 def test_ldm_loss_decreases(trained_ldm):
     workdir, cfg, summary = trained_ldm
     assert summary["step_compiles_this_run"] == 1
@@ -282,6 +287,7 @@ def test_ldm_loss_decreases(trained_ldm):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
+@pytest.mark.slow
 def test_ldm_resume_gives_the_same_parameters(trained_ldm, tmp_path):
     straight, cfg, _ = trained_ldm  # the uninterrupted run
     # interrupted after step 13 without saving (as kill -9 does): checkpoint 10 is the newest
@@ -298,6 +304,8 @@ def test_ldm_resume_gives_the_same_parameters(trained_ldm, tmp_path):
     assert not tree_equal(a["params"], a["ema"])
 
 
+@pytest.mark.parity
+@pytest.mark.slow
 def test_export_loads_in_sdjax_and_diffusers(trained_ldm):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -320,6 +328,7 @@ def test_export_loads_in_sdjax_and_diffusers(trained_ldm):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_export_command_writes_the_ema_weights(trained_ldm, tmp_path):
     from sdjax.train.ldm import export_from_workdir
 

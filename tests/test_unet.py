@@ -6,13 +6,15 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch", reason="the PyTorch reference is a test extra: pip install torch==2.13.0 && pip install -e '.[test]'")
+diffusers = pytest.importorskip("diffusers", reason="the PyTorch reference is a test extra: pip install torch==2.13.0 && pip install -e '.[test]'")
 
 from sdjax.errors import ConfigError
 from sdjax.models.attention import ATTENTION_PROBS
 from sdjax.models.unet_2d_condition import UNet2DConditionModel
 from sdjax.testing import perturb_, rel_err
+
+pytestmark = pytest.mark.parity  # every test here compares with the PyTorch reference
 
 # Tiny configs covering the SD 1.x / 2.x switches. Each: (diffusers config, sample H=W, timesteps).
 CONFIGS = {

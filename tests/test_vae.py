@@ -14,8 +14,10 @@ from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.vae import DiagonalGaussianDistribution
 from sdjax.testing import perturb_, rel_err
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch", reason="the PyTorch reference is a test extra: pip install torch==2.13.0 && pip install -e '.[test]'")
+diffusers = pytest.importorskip("diffusers", reason="the PyTorch reference is a test extra: pip install torch==2.13.0 && pip install -e '.[test]'")
+
+pytestmark = pytest.mark.parity  # every test here compares with the PyTorch reference
 
 FP32_TOL = 1e-4
 # bf16 weights and compute vs the fp32 torch reference. Measured max 2.7e-2 (logvar, f8; decode 2.1e-2), the

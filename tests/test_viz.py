@@ -177,6 +177,7 @@ def test_bad_inputs(loaded, folder, tmp_path, capsys):
     assert "--prompt TEXT is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_on_the_toy_model(tmp_path, capsys):
     """`sdjax demo` end to end, offline; on a trained model the completions approach the final image."""
     from sdjax.assets import TOY_MODEL

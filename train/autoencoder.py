@@ -29,7 +29,7 @@ from sdjax.models.autoencoder_kl import AutoencoderKL
 from . import data as data_lib
 from . import parallel
 from .checkpointing import Checkpointer, check_or_write_config
-from .config import to_jsonable
+from .config import LoopConfig, check_ranges, to_jsonable
 from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class Config:
+class Config(LoopConfig):
     """Stage 1's keys and types; the values (defaults included) come from a config file (configs/)."""
 
     dataset: str
@@ -46,38 +46,21 @@ class Config:
     num_eval_images: int
     data_seed: int
     vae: dict  # AutoencoderKL config keys; f = 2 ** (len(block_out_channels) - 1)
-    seed: int
-    batch_size: int
-    num_steps: int
-    learning_rate: float
-    warmup_steps: int
     weight_decay: float
     kl_weight: float
     disc_start: int | None  # None: no discriminator
     disc_weight: float
     disc_learning_rate: float
     scale_images: int  # training images encoded to measure the latents' std
-    checkpoint_every: int
-    keep_checkpoints: int
-    log_every: int
 
     def validate(self) -> None:
-        positive = ("image_size", "num_eval_images", "batch_size", "num_steps", "log_every", "keep_checkpoints",
-                    "scale_images")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 1")
-        for key in ("warmup_steps", "checkpoint_every", "weight_decay", "kl_weight", "disc_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 0")
-        for key in ("learning_rate", "disc_learning_rate"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be > 0")
+        super().validate()
+        check_ranges(self, at_least_one=("image_size", "num_eval_images", "scale_images", "num_train_images"),
+                     non_negative=("weight_decay", "kl_weight", "disc_weight", "disc_start"),
+                     positive=("disc_learning_rate",))
         if self.num_train_images is not None and self.num_train_images < self.batch_size:
             raise ConfigError(f"config key 'num_train_images' = {self.num_train_images}: fewer than one batch "
                               f"(batch_size {self.batch_size})")
-        if self.disc_start is not None and self.disc_start < 0:
-            raise ConfigError(f"config key 'disc_start' = {self.disc_start}: must be >= 0 or None")
 
 
 def make_vae(cfg: Config, scaling_factor: float = 1.0) -> AutoencoderKL:

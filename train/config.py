@@ -176,3 +176,37 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes
+
+
+def check_ranges(cfg, at_least_one=(), non_negative=(), positive=(), unit_interval=()) -> None:
+    """Range checks of numeric config keys, each failure naming the key and its value."""
+    for keys, ok, want in ((at_least_one, lambda v: v >= 1, ">= 1"), (non_negative, lambda v: v >= 0, ">= 0"),
+                           (positive, lambda v: v > 0, "> 0"), (unit_interval, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            value = getattr(cfg, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"config key {key!r} = {value!r}: must be {want}")
+
+
+def check_choice(cfg, key: str, choices) -> None:
+    value = getattr(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} = {value!r}: use one of {', '.join(map(repr, choices))}")
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    """The keys every training stage has (the shared loop's): seeds, batch, steps, optimiser, bookkeeping."""
+
+    seed: int
+    batch_size: int
+    num_steps: int
+    learning_rate: float
+    warmup_steps: int
+    checkpoint_every: int  # 0: only at the end
+    keep_checkpoints: int
+    log_every: int
+
+    def validate(self) -> None:
+        check_ranges(self, at_least_one=("batch_size", "num_steps", "keep_checkpoints", "log_every"),
+                     non_negative=("warmup_steps", "checkpoint_every"), positive=("learning_rate",))

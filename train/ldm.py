@@ -36,7 +36,7 @@ from . import data as data_lib
 from . import parallel
 from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config
-from .config import build_config, to_jsonable
+from .config import LoopConfig, build_config, check_choice, check_ranges, to_jsonable
 from .export import export_pipeline
 from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
@@ -47,7 +47,7 @@ BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2
 
 
 @dataclasses.dataclass
-class Config:
+class Config(LoopConfig):
     """Stage 2's keys and types; the values (defaults included) come from a config file (configs/)."""
 
     autoencoder_dir: str  # stage 1's workdir (its vae/ folder is used)
@@ -65,38 +65,17 @@ class Config:
     num_train_timesteps: int
     caption_dropout: float
     ema_decay: float
-    seed: int
-    batch_size: int
-    num_steps: int
-    learning_rate: float
-    warmup_steps: int
     weight_decay: float
-    checkpoint_every: int
-    keep_checkpoints: int
-    log_every: int
     sample_scheduler: str  # the exported pipeline's scheduler: "ddim" or "pndm"
     export_dir: str | None  # default: <workdir>/pipeline
 
     def validate(self) -> None:
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"prediction_type = {self.prediction_type!r}: use 'epsilon' or 'v_prediction'")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ConfigError(f"beta_schedule = {self.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
-        if self.sample_scheduler not in ("ddim", "pndm"):
-            raise ConfigError(f"sample_scheduler = {self.sample_scheduler!r}: use 'ddim' or 'pndm'")
-        if not 0 <= self.caption_dropout < 1:
-            raise ConfigError(f"caption_dropout = {self.caption_dropout}: must be in [0, 1)")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay = {self.ema_decay}: must be in [0, 1)")
-        for key in ("image_size", "batch_size", "num_steps", "log_every", "keep_checkpoints", "model_max_length",
-                    "num_train_timesteps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 1")
-        for key in ("warmup_steps", "checkpoint_every", "weight_decay"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: must be >= 0")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"config key 'learning_rate' = {self.learning_rate!r}: must be > 0")
+        super().validate()
+        check_choice(self, "prediction_type", ("epsilon", "v_prediction"))
+        check_choice(self, "beta_schedule", tuple(BETA_SCHEDULES))
+        check_choice(self, "sample_scheduler", ("ddim", "pndm"))
+        check_ranges(self, at_least_one=("image_size", "model_max_length", "num_train_timesteps", "num_train_images"),
+                     non_negative=("weight_decay",), unit_interval=("caption_dropout", "ema_decay"))
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(f"beta_start = {self.beta_start}, beta_end = {self.beta_end}: "
                               "need 0 < beta_start < beta_end < 1")
