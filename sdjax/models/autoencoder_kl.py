@@ -58,6 +58,9 @@ class AutoencoderKL(nn.Module, FlaxModelMixin):
 
     # Options whose other values sdjax does not implement ("swish" is diffusers' alias of SiLU).
     _config_supported: ClassVar[dict] = {"act_fn": ("silu", "swish")}
+    _positive_keys: ClassVar[tuple] = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                                       "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
+                                       "latents_std")
     # Old diffusers checkpoints (e.g. SD 1.5 on the hub, legacy Flax msgpack) name the VAE attention
     # query/key/value/proj_attn; very old ones store them as 1x1 convs (the loader squeezes [O, I, 1, 1]).
     _key_renames: ClassVar[tuple] = (
@@ -68,6 +71,7 @@ class AutoencoderKL(nn.Module, FlaxModelMixin):
     )
 
     def __post_init__(self):
+        self._check_types()
         # Lists from a JSON config become tuples (hashable, like the defaults).
         for name in ("down_block_types", "up_block_types", "block_out_channels", "sample_size",
                      "latents_mean", "latents_std"):

@@ -169,6 +169,9 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
     dtype: jnp.dtype = jnp.float32
 
     _config_format: ClassVar[str] = "transformers"
+    _positive_keys: ClassVar[tuple] = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "max_position_embeddings", "layer_norm_eps",
+                                       "projection_dim")
     _config_supported: ClassVar[dict] = {
         "hidden_act": tuple(ACTIVATIONS),
         "dropout": (0.0, 0, None),  # transformers 4.x wrote this key; the text model never used it
@@ -183,6 +186,7 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
         if isinstance(self.eos_token_id, (list, tuple)):
             raise ConfigError(f"CLIPTextModel: config key 'eos_token_id' = {list(self.eos_token_id)!r} is not "
                               "supported (supported: a single token id)")
+        self._check_types()
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"CLIPTextModel: hidden_size {self.hidden_size} is not a multiple of "
                               f"num_attention_heads {self.num_attention_heads}")

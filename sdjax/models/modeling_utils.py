@@ -14,7 +14,9 @@ A model class is a Flax module whose dataclass fields are its config keys. It de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +29,7 @@ from ..errors import ConfigError, WeightsError
 from ..hub import resolve_folder
 from .attention import ATTENTION_KERNELS, check_kernel
 from .resnet import CONV_KERNELS
+from ..validation import check_fields, check_value
 from ..io import LOAD_THREADS, SafetensorsFiles, listing, read_json, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class FlaxModelMixin:
     _ignored_keys: ClassVar[tuple] = ()
     _save_prefix: ClassVar[str] = ""
     _config_format: ClassVar[str] = "diffusers"
+    _positive_keys: ClassVar[tuple] = ()  # config keys whose numbers (or every number in the list) must be > 0
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -71,6 +75,8 @@ class FlaxModelMixin:
         runtime: the module's kernel choices (`attention_kernel`, `conv_kernel`), which are not config keys."""
         where = f" in {source}" if source else ""
         fields = cls.config_fields()
+        hints = cls.config_types()
+        check_fields(cls.__name__, {k: v for k, v in config.items() if k in fields}, hints, source)
         kwargs = {}
         for key, value in config.items():
             if key in cls._config_supported:
@@ -88,7 +94,28 @@ class FlaxModelMixin:
         if unknown:
             raise TypeError(f"{cls.__name__}.from_config: unknown argument(s) {unknown}; "
                             f"runtime fields: {', '.join(cls.runtime_fields())}")
-        return cls(**kwargs, dtype=dtype, **runtime)
+        try:
+            return cls(**kwargs, dtype=dtype, **runtime)
+        except ConfigError as e:
+            if not source or source in str(e):
+                raise
+            raise ConfigError(f"{e} (in {source})") from None
+
+    @classmethod
+    def config_types(cls) -> dict[str, Any]:
+        """The declared type of every config key (the dataclass annotations)."""
+        return _type_hints(cls)
+
+    def _check_types(self) -> None:
+        """Every config field has its declared type, and numbers that must be positive are (the message names
+        the key, the value and what was expected). Runs first in __post_init__, before any field is used."""
+        name = type(self).__name__
+        hints = self.config_types()
+        for key in self.config_fields():
+            value = getattr(self, key)
+            check_value(name, key, value, hints[key])
+            if key in self._positive_keys and not _all_positive(value):
+                raise ConfigError(f"{name}: config key {key!r} = {value!r}: must be > 0")
 
     def _check_runtime(self) -> None:
         """Kernel choices are checked when the module is built (a typo would otherwise fail at compile time)."""
@@ -233,6 +260,19 @@ def _read_msgpack(path: Path) -> dict:
     except Exception as e:
         raise WeightsError(f"cannot read Flax msgpack {path}: {type(e).__name__}: {e}") from None
     return tree.get("params", tree) if isinstance(tree, dict) else tree
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _all_positive(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_all_positive(v) for v in value)
+    return value > 0
 
 
 def _normalize(v):

@@ -9,7 +9,7 @@ Cross-attention maps: `unet.apply(..., mutable=["attention_probs"])` returns (ep
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -36,31 +36,32 @@ def _per_block(value, n: int, key: str) -> tuple:
 
 class UNet2DConditionModel(nn.Module, FlaxModelMixin):
     # Field names and defaults are diffusers' config keys (UNet2DConditionModel.__init__).
-    sample_size: Any = None
+    sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4
     out_channels: int = 4
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "DownBlock2D")
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    only_cross_attention: Any = False
-    block_out_channels: tuple = (320, 640, 1280, 1280)
-    layers_per_block: Any = 2
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
     dropout: float = 0.0
     act_fn: str = "silu"
     norm_num_groups: int | None = 32
     norm_eps: float = 1e-5
-    cross_attention_dim: Any = 1280
-    transformer_layers_per_block: Any = 1
-    reverse_transformer_layers_per_block: Any = None
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: tuple[tuple[int, ...], ...] | None = None
     encoder_hid_dim: int | None = None
     encoder_hid_dim_type: str | None = None
-    attention_head_dim: Any = 8
-    num_attention_heads: Any = None
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
     dual_cross_attention: bool = False
     use_linear_projection: bool = False
     class_embed_type: str | None = None
@@ -112,6 +113,11 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
         "cross_attention_norm": (None,),
     }
 
+    _positive_keys: ClassVar[tuple] = (
+        "in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps",
+        "cross_attention_dim", "attention_head_dim", "num_attention_heads", "conv_in_kernel", "conv_out_kernel",
+        "time_embedding_dim", "sample_size", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+
     # Legacy diffusers Flax checkpoints (diffusion_flax_model.msgpack) name the attention projections
     # query/key/value/proj_attn; everything else already has the PyTorch names.
     _key_renames: ClassVar[tuple] = (
@@ -122,6 +128,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
     )
 
     def __post_init__(self):
+        self._check_types()
         # Lists (a JSON config, or a caller) become tuples: module fields must be hashable.
         for f in self.config_fields():
             value = getattr(self, f)
