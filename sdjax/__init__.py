@@ -6,9 +6,9 @@ Layers (imports go one way): the core (models, schedulers, pipelines, I/O) <- sd
 __version__ = "0.1.0"
 
 from .compilation import enable_compile_cache
-from .errors import ConfigError, SdjaxError, WeightsError
+from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, WeightsError
 from .pipelines import FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput, Trajectory
 from .schedulers import get_scheduler
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
-           "enable_compile_cache", "ConfigError", "SdjaxError", "WeightsError"]
+           "enable_compile_cache", "ConfigError", "InputError", "NonFiniteError", "SdjaxError", "WeightsError"]

@@ -12,6 +12,7 @@ Each model adds only a few key renames of its own (old attention names, the text
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -118,14 +119,17 @@ class ConversionReport:
     missing: list[str]       # expected params (as PyTorch keys) that no tensor filled
     unexpected: list[str]    # tensors in the file that no param takes
     mismatched: list[tuple[str, tuple, tuple]]  # (key, shape in file, shape expected, PyTorch layout)
+    wrong_dtype: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (key, dtype): ints/bools
+    non_finite: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (key, count of NaN/inf)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype or self.non_finite)
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=(), ignored=(),
-                  materialize: Callable[[np.ndarray], Any] = np.asarray, max_workers: int = 1):
+                  materialize: Callable[[np.ndarray], Any] = np.asarray, max_workers: int = 1,
+                  check_finite: bool = True):
     """Convert a PyTorch-named state dict into a Flax params tree shaped like `expected`.
 
     state_dict: key -> array; any Mapping, read one key at a time (e.g. `SafetensorsFiles`, which reads
@@ -135,6 +139,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=
     materialize: applied to each converted (possibly transposed) view, e.g. `jnp.asarray` to place it on
         the device; max_workers threads run the reads, layout changes and copies (numpy and safetensors
         release the GIL, so this is parallel).
+    check_finite: report tensors holding NaN or inf (one extra pass over each tensor, while it is in cache).
+    Integer and boolean tensors are reported too: every parameter is a float, and casting one silently
+    would hide a broken or foreign file.
     Returns (params, report); the caller decides how strict to be.
     """
     want = flat_params(expected)
@@ -158,12 +165,18 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=
 
     def convert_one(item):
         path, (raw_key, rule) = item
-        tensor = state_dict[raw_key]
-        value = rule.to_flax(np.asarray(tensor))
+        tensor = np.asarray(state_dict[raw_key])
+        if tensor.dtype.kind not in "fc" and tensor.dtype.name != "bfloat16":
+            return path, None, ("dtype", (raw_key, tensor.dtype.name))
+        value = rule.to_flax(tensor)
         target = want[path]
         if tuple(value.shape) != tuple(target.shape):
             expected_torch = tuple(rule.to_torch(np.empty(target.shape, dtype=np.uint8)).shape)
-            return path, None, (raw_key, tuple(np.shape(tensor)), expected_torch)
+            return path, None, ("shape", (raw_key, tuple(np.shape(tensor)), expected_torch))
+        if check_finite:
+            bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+            if bad:
+                return path, None, ("finite", (raw_key, bad))
         return path, materialize(value), None
 
     if max_workers > 1 and len(jobs) > 1:
@@ -172,9 +185,13 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=
     else:
         results = [convert_one(item) for item in jobs.items()]
     params = {path: value for path, value, bad in results if bad is None}
-    mismatched = [bad for _, _, bad in results if bad is not None]
+    problems = {kind: [] for kind in ("shape", "dtype", "finite")}
+    for _, _, bad in results:
+        if bad is not None:
+            problems[bad[0]].append(bad[1])
     missing = [_display_key(p, want[p]) for p in want if p not in jobs]
-    return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), mismatched)
+    return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), problems["shape"],
+                                               sorted(problems["dtype"]), sorted(problems["finite"]))
 
 
 def _display_key(path, target) -> str:
@@ -201,10 +218,10 @@ def flax_tree_to_torch_named(tree: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def legacy_flax_to_flax(tree: dict, expected: dict, renames=(), ignored=()):
+def legacy_flax_to_flax(tree: dict, expected: dict, renames=(), ignored=(), check_finite: bool = True):
     """Legacy Flax msgpack params -> our params tree, via the same path rules and model renames."""
     want = flat_params(expected)
-    params, unexpected, mismatched = {}, [], []
+    params, unexpected, mismatched, wrong_dtype, non_finite = {}, [], [], [], []
     for raw_key, value in flax_tree_to_torch_named(tree).items():
         key = rename_key(raw_key, renames)
         if any(re.search(p, key) for p in ignored):
@@ -216,7 +233,12 @@ def legacy_flax_to_flax(tree: dict, expected: dict, renames=(), ignored=()):
             unexpected.append(raw_key)
         elif tuple(value.shape) != tuple(target.shape):
             mismatched.append((raw_key, tuple(value.shape), tuple(target.shape)))
+        elif value.dtype.kind not in "fc" and value.dtype.name != "bfloat16":
+            wrong_dtype.append((raw_key, value.dtype.name))
+        elif check_finite and not np.isfinite(value).all():
+            non_finite.append((raw_key, int(value.size - np.count_nonzero(np.isfinite(value)))))
         else:
             params[path] = value
     missing = [path_to_torch_key(p) for p in want if p not in params]
-    return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), mismatched)
+    return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), mismatched, wrong_dtype,
+                                               non_finite)

@@ -12,3 +12,11 @@ class ConfigError(SdjaxError, ValueError):
 
 class WeightsError(SdjaxError):
     """A weights file is missing, unreadable, refused (pickle), or does not match the model."""
+
+
+class InputError(SdjaxError, ValueError):
+    """An argument of a pipeline call has the wrong type, shape or value (the message names it and what is expected)."""
+
+
+class NonFiniteError(SdjaxError, FloatingPointError):
+    """A generation produced NaN or inf (the message names the first step whose latents were not finite)."""

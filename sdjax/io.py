@@ -195,3 +195,65 @@ def listing(folder) -> str:
     except OSError:
         return "nothing readable"
     return ", ".join(names) if names else "nothing"
+
+
+# ---------------------------------------------------------------------------------------------- output folders
+OUTPUT_MARKER = ".sdjax-output.json"
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    """a is b or a folder inside b."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def check_output_dir(path, command: str, overwrite: bool = False, protect=(), own_files=()) -> dict | None:
+    """Check, before any work starts, that `command` may write into the folder `path`.
+
+    Refused (SdjaxError naming the folder): a file; a folder sdjax cannot create or write; a non-empty folder
+    that is not this command's own output (its OUTPUT_MARKER, or one of `own_files` for outputs older than
+    the marker) unless `overwrite`; any folder in `protect` (e.g. a training workdir), or a folder holding
+    one, even with `overwrite`. Returns the previous run's marker (its list of files) or None.
+    """
+    path = Path(path)
+    for p in protect:
+        if p is not None and Path(p).exists() and (_same_or_inside(Path(p), path) or _same_or_inside(path, Path(p))):
+            raise SdjaxError(f"{command}: refusing to write into {path}: it is (or holds, or is inside) {p}, "
+                             "which must not be replaced; choose another output folder")
+    if path.exists() and not path.is_dir():
+        raise SdjaxError(f"{command}: output {path} is a file, not a folder")
+    previous = None
+    if path.is_dir():
+        entries = [p.name for p in path.iterdir()]
+        if (path / OUTPUT_MARKER).is_file():
+            try:
+                previous = json.loads((path / OUTPUT_MARKER).read_text())
+            except (OSError, json.JSONDecodeError):
+                previous = {}
+            if previous.get("command") != command and not overwrite:
+                raise SdjaxError(f"{command}: {path} holds the output of `{previous.get('command')}`; "
+                                 "use another folder, or --overwrite to replace it")
+        elif entries and not overwrite and not any((path / f).exists() for f in own_files):
+            shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+            raise SdjaxError(f"{command}: {path} is not empty ({shown}) and is not an sdjax output folder; "
+                             "use a new or empty folder, or --overwrite to write into it anyway")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".{OUTPUT_MARKER}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SdjaxError(f"{command}: cannot write into {path}: {e.strerror or e}") from None
+    return previous
+
+
+def record_output(path, command: str, files=(), previous: dict | None = None, **extra) -> None:
+    """Mark `path` as this command's output listing `files`; files the previous run listed and this one did not
+    write are deleted (a rerun with fewer images leaves no stale ones beside the new settings)."""
+    path = Path(path)
+    files = [str(f) for f in files]
+    for stale in set((previous or {}).get("files", [])) - set(files):
+        target = path / stale
+        if target.is_file() and target.parent.resolve() == path.resolve():
+            target.unlink()
+    write_json(path / OUTPUT_MARKER, {"command": command, "files": files, **extra})

@@ -55,7 +55,7 @@ def _complete(ddim_pipe, num_steps: int, params, prompt_ids, neg_prompt_ids, gui
 
     def complete_one(x, t0, alpha_bar0):
         ts, abar = completion_timesteps(t0, alpha_bar0, sched.alphas_cumprod, num_steps)
-        final, _ = denoise(sched, sched.state_from_levels(ts, abar), x.astype(jnp.float32), model_fn,
+        final, _, _ = denoise(sched, sched.state_from_levels(ts, abar), x.astype(jnp.float32), model_fn,
                            jax.random.PRNGKey(0), return_trajectory=False)
         return final
 

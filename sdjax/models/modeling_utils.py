@@ -148,11 +148,12 @@ class FlaxModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, dtype=jnp.float32,
                         param_dtype=None, allow_pickle: bool = False, variant: str | None = None,
-                        revision: str | None = None, **runtime):
+                        revision: str | None = None, check_finite: bool = True, **runtime):
         """Load (module, params) from a diffusers/transformers folder or hub repo id.
 
         dtype: compute dtype. param_dtype: dtype of the returned params (default: dtype).
         allow_pickle: also read pickled `.bin` weights (with torch.load(weights_only=True)); off by default.
+        check_finite: refuse weights holding NaN or inf, naming the tensor (False skips that pass, for speed).
         runtime: kernel choices (`attention_kernel=`, `conv_kernel=`), see sdjax.models.attention / resnet.
         """
         folder = resolve_folder(pretrained_model_name_or_path, subfolder)
@@ -162,12 +163,12 @@ class FlaxModelMixin:
         config = read_json(config_path, error=WeightsError)
         model = cls.from_config(config, dtype=dtype, source=str(config_path), **runtime)
         param_dtype = dtype if param_dtype is None else param_dtype
-        params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant,
+        params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant, check_finite=check_finite,
                                    materialize=lambda x: jnp.asarray(x, dtype=param_dtype))
         return model, params
 
     def load_params(self, folder: Path, allow_pickle: bool = False, variant: str | None = None,
-                    materialize=np.asarray) -> dict:
+                    materialize=np.asarray, check_finite: bool = True) -> dict:
         """Read the weights in `folder` into a params tree for this module (strict).
 
         materialize: applied to each converted host array (from_pretrained: `jnp.asarray(x, dtype)`).
@@ -177,7 +178,8 @@ class FlaxModelMixin:
         kind, files = find_weights(folder, allow_pickle=allow_pickle, variant=variant)
         if kind == "msgpack":
             tree = _read_msgpack(files[0])
-            params, report = convert.legacy_flax_to_flax(tree, expected, self._key_renames, self._ignored_keys)
+            params, report = convert.legacy_flax_to_flax(tree, expected, self._key_renames, self._ignored_keys,
+                                                         check_finite=check_finite)
             params = jax.tree_util.tree_map(materialize, params)
         else:
             if kind == "safetensors":
@@ -187,7 +189,8 @@ class FlaxModelMixin:
                 for f in files:
                     state.update(_read_pickle(f))
             params, report = convert.torch_to_flax(state, expected, self._key_renames, self._ignored_keys,
-                                                   materialize=materialize, max_workers=LOAD_THREADS)
+                                                   materialize=materialize, max_workers=LOAD_THREADS,
+                                                   check_finite=check_finite)
         if not report.ok:
             raise WeightsError(_mismatch_message(type(self).__name__, files, report, n_expected=len(convert.flat_params(expected))))
         return params
@@ -216,7 +219,12 @@ def find_weights(folder: Path, allow_pickle: bool = False, variant: str | None =
             weight_map = read_json(index, error=WeightsError).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise WeightsError(f"{index} has no 'weight_map' dict")
-            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            shards = []
+            for name in dict.fromkeys(weight_map.values()):
+                if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise WeightsError(f"{index}: weight_map entry {name!r} points outside {folder} "
+                                       "(shards must be files in the model folder)")
+                shards.append(folder / name)
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
                 raise WeightsError(f"{index} lists shards that are not in {folder}: {missing}")
@@ -293,6 +301,14 @@ def _mismatch_message(cls_name, files, report, n_expected) -> str:
     if report.mismatched:
         lines.append(f"  {len(report.mismatched)} with the wrong shape (name: in file vs expected, PyTorch layout):"
                      + listed(f"{k}: {a} vs {b}" for k, a, b in report.mismatched))
+    if report.wrong_dtype:
+        lines.append(f"  {len(report.wrong_dtype)} of an integer or boolean dtype where the model has floats "
+                     "(a file of another kind? sdjax never casts them silently):"
+                     + listed(f"{k}: {d}" for k, d in report.wrong_dtype))
+    if report.non_finite:
+        lines.append(f"  {len(report.non_finite)} holding NaN or inf (a broken download or a diverged training run; "
+                     "check_finite=False loads them anyway):" + listed(f"{k}: {n} non-finite values"
+                                                                   for k, n in report.non_finite))
     if report.missing:
         lines.append(f"  {len(report.missing)} missing (the model needs them, the file lacks them):" + listed(report.missing))
     if report.unexpected:

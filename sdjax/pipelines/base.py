@@ -18,10 +18,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, SdjaxError
+from ..errors import ConfigError, InputError, NonFiniteError, SdjaxError
 from ..hub import resolve_folder
 from ..io import read_json
 from . import engine
+from .output import FlaxStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,172 @@ class DiffusionPipeline:
             inputs, params, key = engine.place_on_mesh(mesh, inputs, params, key)
         return engine.run_jit(self, settings, inputs, params, key)
 
+    # ------------------------------------------------------------------ checking a call's arguments (host side)
+    # Every check runs before anything is traced or compiled, and names the argument and what was expected.
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor x the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.down_block_types) - 1)
+
+    def check_size(self, height, width) -> tuple[int, int]:
+        multiple = self.size_multiple()
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+                raise InputError(f"`{name}` must be a positive multiple of {multiple} (the VAE factor "
+                                 f"{self.vae_scale_factor} x the UNet's {multiple // self.vae_scale_factor}x "
+                                 f"downsampling), got {v!r}")
+        return int(height), int(width)
+
+    def check_steps(self, num_inference_steps) -> int:
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"`num_inference_steps` must be an integer >= 1, got {n!r}")
+        limit = self.scheduler.num_train_timesteps
+        if n > limit:
+            raise InputError(f"`num_inference_steps` = {n} is more than the {limit} timesteps the model was trained "
+                             f"with (the scheduler's num_train_timesteps)")
+        return int(n)
+
+    def check_token_ids(self, ids, name: str, jit: bool, like=None):
+        """int token ids [B, L] ([n_dev, per_dev, L] with jit=True), L <= the text encoder's positions,
+        every id inside the vocabulary."""
+        arr = np.asarray(ids)
+        want = 3 if jit else 2
+        length = self.tokenizer.model_max_length
+        form = f"[n_devices, per_device, {length}]" if jit else f"[batch, {length}]"
+        if arr.dtype.kind not in "iu" or arr.ndim != want:
+            raise InputError(f"`{name}` must be {form} int token ids (pipe.prepare_inputs"
+                             f"{', then shard' if jit else ''}), got {arr.dtype} of shape {tuple(arr.shape)}")
+        if like is not None and arr.shape != np.shape(like):
+            raise InputError(f"`{name}` has shape {tuple(arr.shape)}, but prompt_ids has {tuple(np.shape(like))}")
+        if arr.shape[-1] > self.text_encoder.max_position_embeddings:
+            raise InputError(f"`{name}` has {arr.shape[-1]} tokens per prompt; the text encoder takes at most "
+                             f"{self.text_encoder.max_position_embeddings}")
+        vocab = self.text_encoder.vocab_size
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+            bad = arr.max() if arr.max() >= vocab else arr.min()
+            raise InputError(f"`{name}` holds token id {int(bad)}, outside the text encoder's vocabulary "
+                             f"[0, {vocab})")
+        return jnp.asarray(arr, jnp.int32)
+
+    def check_guidance(self, guidance_scale, batch_shape: tuple, name: str = "guidance_scale"):
+        """A finite number, or one per prompt ([B]; with jit=True [n_devices] or [n_devices, per_device])."""
+        try:
+            g = np.asarray(guidance_scale, np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"`{name}` must be a number or an array of numbers, got {guidance_scale!r}") from None
+        if not np.all(np.isfinite(g)):
+            raise InputError(f"`{name}` must be finite, got {guidance_scale!r}")
+        if len(batch_shape) == 2 and g.ndim == 1 and g.shape[0] == batch_shape[0]:
+            g = g[:, None]  # jit=True: one per device, as diffusers shards it
+        try:
+            return jnp.asarray(np.broadcast_to(g, batch_shape))
+        except ValueError:
+            raise InputError(f"`{name}` has shape {g.shape}; expected a number or one per prompt "
+                             f"{tuple(batch_shape)}") from None
+
+    def check_latents(self, latents, shape: tuple, name: str = "latents"):
+        arr = np.asarray(latents)
+        if arr.dtype.kind != "f" or tuple(arr.shape) != tuple(shape):
+            raise InputError(f"`{name}` must be a float array of shape {tuple(shape)} (batch, latent channels, "
+                             f"height / {self.vae_scale_factor}, width / {self.vae_scale_factor}), got "
+                             f"{arr.dtype} of shape {tuple(arr.shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"`{name}` holds NaN or inf")
+        return jnp.asarray(arr, jnp.float32)
+
+    def check_key(self, key, jit: bool):
+        arr = jax.random.key_data(key) if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key) \
+            else np.asarray(key)
+        want = (jax.local_device_count(), 2) if jit else (2,)
+        if arr.dtype != np.uint32 or tuple(arr.shape) != want:
+            raise InputError(f"`prng_seed` must be a jax.random.PRNGKey{' per device [n_devices, 2]' if jit else ''}, "
+                             f"got {arr.dtype} of shape {tuple(arr.shape)}")
+        return key
+
+    def check_params(self, params, jit: bool = False) -> None:
+        """`params` has the tree and shapes this pipeline's modules need (with a device axis when jit=True)."""
+        if not isinstance(params, dict):
+            raise InputError(f"`params` must be the dict from from_pretrained ({', '.join(self.param_components())}), "
+                             f"got {type(params).__name__}")
+        for name in self.param_components():
+            if name not in params:
+                raise InputError(f"`params` has no {name!r} (it has: {', '.join(map(str, params))})")
+            expected = _param_shapes(getattr(self, name))
+            got = params[name]
+            want_leaves = jax.tree_util.tree_leaves_with_path(expected)
+            try:
+                got_leaves = dict(jax.tree_util.tree_leaves_with_path(got))
+            except Exception:
+                got_leaves = {}
+            for path, leaf in want_leaves:
+                have = got_leaves.get(path)
+                shape = None if have is None else tuple(np.shape(have))
+                if jit and shape is not None:
+                    shape = shape[1:]
+                if shape != tuple(leaf.shape):
+                    where = jax.tree_util.keystr(path)
+                    raise InputError(f"`params[{name!r}]{where}` has shape {shape}, expected {tuple(leaf.shape)}"
+                                     + (" (with a leading device axis: flax.jax_utils.replicate)" if jit else "")
+                                     + "; params must come from this pipeline's from_pretrained")
+
+    def param_components(self) -> tuple[str, ...]:
+        return tuple(c for c in self.components if not c.startswith(("tokenizer", "scheduler")))
+
+    def check_memory(self, batch: int, height: int, width: int) -> None:
+        """Refuse, before compiling, a call whose attention alone cannot fit in memory (see estimate_bytes)."""
+        need = self.estimate_bytes(batch, height, width)
+        have = available_memory()
+        if have is not None and need > have:
+            raise InputError(f"{height}x{width} at batch {batch} needs about {need / 2**30:.1f} GiB for the UNet's "
+                             f"attention alone, more than the {have / 2**30:.1f} GiB available on "
+                             f"{jax.devices()[0].platform}: use a smaller height/width or batch")
+
+    def estimate_bytes(self, batch: int, height: int, width: int) -> int:
+        """A lower bound of the compiled program's peak memory: the largest self-attention score matrix
+        (2B x heads x tokens^2, float32), which the einsum kernel materialises; a flash kernel would not."""
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        heads = self.unet._heads()
+        worst = 0
+        for level, block in enumerate(self.unet.down_block_types):
+            if "CrossAttn" in block:
+                tokens = -(-h // 2 ** level) * -(-w // 2 ** level)
+                worst = max(worst, 2 * batch * heads[level] * tokens * tokens * 4)
+        return worst
+
+    # ------------------------------------------------------------------ finishing a call
+    def finish(self, outputs, params, jit: bool, start: int = 0, decode_trajectory: bool = False,
+               check_finite: bool = True):
+        """The call's output: non-finite results named by step (check_finite), the trajectory cut to the steps
+        run, frames decoded if asked."""
+        images, traj, diagnostics = outputs
+        if check_finite:
+            first_bad = np.asarray(diagnostics["first_nonfinite"]).reshape(-1)
+            bad_steps = first_bad[first_bad >= 0]
+            if bad_steps.size:
+                raise NonFiniteError(f"the latents became NaN or inf at step {int(bad_steps.min()) - start + 1} of "
+                                     f"the denoising (model call {int(bad_steps.min())}): the weights, inputs or "
+                                     "dtype produce non-finite values (float16 overflow? try float32 or bfloat16); "
+                                     "check_finite=False returns them anyway")
+            if not bool(np.all(np.asarray(diagnostics["images_finite"]))):
+                raise NonFiniteError("the VAE decoder produced NaN or inf from finite latents (float16 overflow in "
+                                     "the decoder is known: decode in float32); check_finite=False returns them anyway")
+        if traj is not None and start:
+            traj = traj.steps(start, axis=1 if jit else 0)
+        frames = self._decode_trajectory(params, traj, jit) if decode_trajectory and traj is not None else None
+        return FlaxStableDiffusionPipelineOutput(images=images, trajectory=traj, frames=frames)
+
+    def _decode_trajectory(self, params, traj, jit: bool) -> np.ndarray:
+        x0 = traj.pred_original_samples
+        vae_params = params["vae"] if not jit else jax.tree_util.tree_map(lambda x: x[0], params["vae"])
+        if jit:  # [n_dev, T, per_dev, ...] -> [T, n_dev * per_dev, ...]
+            x0 = jnp.swapaxes(x0, 0, 1).reshape((x0.shape[1], -1) + x0.shape[3:])
+        return self.decode_frames(vae_params, x0)
+
+    def decode_to_images(self, vae_params, latents):
+        """The decoded images and whether they are all finite (one scalar for the host's check)."""
+        images = self.decode_latents(vae_params, latents)
+        return images, jnp.all(jnp.isfinite(images))
+
     # ------------------------------------------------------------------ decoding
     def decode_latents(self, vae_params, latents):
         """Latents (NCHW, scaled) -> images [B, H, W, 3] float32 in [0, 1]."""
@@ -88,6 +255,29 @@ class DiffusionPipeline:
             chunks.append(np.asarray(_decode_uint8(self, vae_params, part))[: chunk_size - pad])
         frames = np.concatenate(chunks)
         return frames.reshape((t, b) + frames.shape[1:])
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(module):
+    return module.param_shapes()
+
+
+def available_memory() -> int | None:
+    """Bytes the default device can still use: the accelerator's limit, or the host's MemAvailable on CPU."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 @functools.partial(jax.jit, static_argnums=0)

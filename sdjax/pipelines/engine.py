@@ -1,6 +1,6 @@
 """The one engine every pipeline runs on: a `jax.lax.scan` over the scheduler's model calls.
 
-    final, trajectory = denoise(scheduler, state, latents, model_fn, key)
+    final, trajectory, first_nonfinite = denoise(scheduler, state, latents, model_fn, key)
 
 `model_fn(state, sample, i)` returns the model output the scheduler steps with (the UNet's prediction,
 already guided), and optionally per-step extras (attention maps). Everything a pipeline adds (text,
@@ -44,18 +44,21 @@ def denoise(scheduler, state, latents, model_fn, key, *, start=0, post_step=None
     start: the first call to run (image-to-image); a traced int costs only the calls it runs (the others are
         skipped by `lax.cond`), so changing it does not recompile. A Python 0 compiles no condition at all.
     post_step(sample, x0, i) -> sample: applied after each scheduler step (inpainting puts the known region back).
-    Returns (final sample, Trajectory or None). The trajectory has all N calls: entries before `start` hold
-    the unchanged sample and zeros (`Trajectory.steps(start)` cuts them off).
+    Returns (final sample, Trajectory or None, first_nonfinite): the trajectory has all N calls (entries before
+    `start` hold the unchanged sample and zeros; `Trajectory.steps(start)` cuts them off); first_nonfinite is
+    the first call after which the sample held NaN or inf, or -1 (one reduction per step: the caller can name
+    the step where a generation went wrong without keeping the trajectory).
     """
     n = scheduler.num_model_calls(state)
 
     def run(carry, i):
-        sched_state, sample = carry
+        sched_state, sample, first_bad = carry
         out, extras = model_fn(sched_state, sample, i)
         sched_state, sample, x0 = scheduler.step(sched_state, out, i, sample, key=jax.random.fold_in(key, i))
         if post_step is not None:
             sample = post_step(sample, x0, i)
-        return (sched_state, sample), (sample, x0, extras)
+        first_bad = jnp.where((first_bad < 0) & ~jnp.all(jnp.isfinite(sample)), i, first_bad)
+        return (sched_state, sample, first_bad), (sample, x0, extras)
 
     def skipped(carry, i):  # a call before `start`: the sample stays, x̂0 and extras are zeros
         _, x0, extras = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, carry, i)[1])
@@ -67,9 +70,9 @@ def denoise(scheduler, state, latents, model_fn, key, *, start=0, post_step=None
         new, ys = run(carry, i) if always else jax.lax.cond(i >= start, run, skipped, carry, i)
         return new, ys if return_trajectory else None
 
-    (_, final), ys = jax.lax.scan(step, (state, latents), jnp.arange(n))
+    (_, final, first_bad), ys = jax.lax.scan(step, (state, latents, jnp.int32(-1)), jnp.arange(n))
     if not return_trajectory:
-        return final, None
+        return final, None, first_bad
     samples, x0s, extras = ys
     trajectory = Trajectory(
         latents=jnp.concatenate([latents[None], samples]),
@@ -78,7 +81,7 @@ def denoise(scheduler, state, latents, model_fn, key, *, start=0, post_step=None
         noise_levels=jax.vmap(lambda i: scheduler.sigma_or_noise_level(state, i))(jnp.arange(n)),
         attention_maps=extras,
     )
-    return final, trajectory
+    return final, trajectory, first_bad
 
 
 # ------------------------------------------------------------------------------------------ compiled entries

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ..errors import SdjaxError
+from ..errors import InputError, SdjaxError
 from ..guidance import classifier_free_guidance
 from ..io import write_json
 from ..models.attention import ATTENTION_PROBS
@@ -33,7 +33,6 @@ from ..schedulers import get_scheduler, load_scheduler_config
 from ..tokenizer import load_tokenizer
 from .base import DiffusionPipeline, check_components, open_pipeline_folder, runtime_for, weight_patterns
 from .engine import Settings, denoise
-from .output import FlaxStableDiffusionPipelineOutput
 
 
 class FlaxStableDiffusionPipeline(DiffusionPipeline):
@@ -142,14 +141,9 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         return (batch, self.unet.out_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     def check_inputs(self, height: int, width: int, num_inference_steps: int) -> None:
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.down_block_types) - 1)
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
-                raise SdjaxError(f"`{name}` must be a positive multiple of {multiple} (the VAE factor "
-                                 f"{self.vae_scale_factor} x the UNet's {2 ** (len(self.unet.down_block_types) - 1)}x "
-                                 f"downsampling), got {v}")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise SdjaxError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        """Sizes and step count as the pipeline accepts them (the CLI and trajectories check before loading work)."""
+        self.check_size(height, width)
+        self.check_steps(num_inference_steps)
 
     def unconditional_ids(self, batch: int) -> np.ndarray:
         return np.tile(self.prepare_inputs([""]), (batch, 1))
@@ -184,7 +178,8 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         return model_fn
 
     def generate(self, settings: Settings, inputs: dict, params, key):
-        """Traced: inputs {prompt_ids, neg_prompt_ids, guidance_scale [B], latents (optional)} -> (images, trajectory)."""
+        """Traced: inputs {prompt_ids, neg_prompt_ids, guidance_scale [B], latents (optional)}
+        -> (images, trajectory, diagnostics)."""
         prompt_ids = inputs["prompt_ids"]
         context = self.text_context(params, prompt_ids, inputs["neg_prompt_ids"])
         shape = self.latent_shape(prompt_ids.shape[0], settings.height, settings.width)
@@ -195,14 +190,16 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
             latents = jax.random.normal(noise_key, shape, dtype=jnp.float32)
         latents = latents.astype(jnp.float32) * self.scheduler.init_noise_sigma(state)
         model_fn = self.guided_model(params, context, inputs["guidance_scale"], settings.output_attentions)
-        final, trajectory = denoise(self.scheduler, state, latents, model_fn, loop_key,
-                                    return_trajectory=settings.return_trajectory)
-        return self.decode_latents(params["vae"], final), trajectory
+        final, trajectory, first_nonfinite = denoise(self.scheduler, state, latents, model_fn, loop_key,
+                                                     return_trajectory=settings.return_trajectory)
+        images, images_finite = self.decode_to_images(params["vae"], final)
+        return images, trajectory, {"first_nonfinite": first_nonfinite, "images_finite": images_finite}
 
     def __call__(self, prompt_ids, params, prng_seed, num_inference_steps: int = 50,
                  guidance_scale: float | jax.Array = 7.5, height: int | None = None, width: int | None = None,
                  latents=None, neg_prompt_ids=None, jit: bool = False, return_trajectory: bool = True,
-                 decode_trajectory: bool = False, output_attentions: bool = False, mesh: Mesh | None = None):
+                 decode_trajectory: bool = False, output_attentions: bool = False, mesh: Mesh | None = None,
+                 check_finite: bool = True):
         """Generate images (and the trajectory) in one compiled call.
 
         jit=False: one jax.jit program on the default device, any batch size.
@@ -210,58 +207,51 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
             prompt_ids [n_devices, per_device, 77], prng_seed [n_devices, 2]; outputs gain a leading device axis.
         mesh=Mesh(...): jax.jit with the batch sharded over the mesh's devices (multi-host ready).
         guidance_scale: a number, or one per prompt ([B]); traced, so changing it does not recompile.
+        check_finite: a result holding NaN/inf raises NonFiniteError naming the first step that went non-finite.
+        Arguments are checked before anything is compiled (InputError naming the argument).
         """
-        height = height or self.default_size
-        width = width or self.default_size
-        self.check_inputs(height, width, num_inference_steps)
-        settings = Settings(num_inference_steps=int(num_inference_steps), height=int(height), width=int(width),
-                            return_trajectory=bool(return_trajectory), output_attentions=bool(output_attentions))
-        inputs = self.text_inputs(prompt_ids, neg_prompt_ids, guidance_scale, jit, mesh)
-        if latents is not None:
-            inputs["latents"] = jnp.asarray(latents, jnp.float32)
-        images, traj = self._run(settings, inputs, params, prng_seed, jit=jit, mesh=mesh)
-        frames = None
-        if decode_trajectory and traj is not None:
-            frames = self._decode_trajectory(params, traj, jit)
-        return FlaxStableDiffusionPipelineOutput(images=images, trajectory=traj, frames=frames)
+        settings, inputs = self.prepare_call(prompt_ids, params, prng_seed, num_inference_steps, guidance_scale,
+                                             height, width, latents, neg_prompt_ids, jit, mesh, return_trajectory,
+                                             output_attentions)
+        outputs = self._run(settings, inputs, params, prng_seed, jit=jit, mesh=mesh)
+        return self.finish(outputs, params, jit, decode_trajectory=decode_trajectory, check_finite=check_finite)
 
     # ------------------------------------------------------------------ host-side helpers
+    def prepare_call(self, prompt_ids, params, prng_seed, num_inference_steps, guidance_scale, height, width,
+                     latents, neg_prompt_ids, jit, mesh, return_trajectory, output_attentions):
+        """Check every argument and build (Settings, inputs) for the compiled program."""
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        height, width = self.check_size(height, width)
+        steps = self.check_steps(num_inference_steps)
+        self.check_params(params, jit)
+        self.check_key(prng_seed, jit)
+        inputs = self.text_inputs(prompt_ids, neg_prompt_ids, guidance_scale, jit, mesh)
+        batch_shape = inputs["prompt_ids"].shape[:-1]
+        devices = mesh.size if mesh is not None else (batch_shape[0] if jit else 1)
+        self.check_memory(int(np.prod(batch_shape)) // devices, height, width)  # the batch on one device
+        if latents is not None:
+            inputs["latents"] = self.check_latents(latents, batch_shape + self.latent_shape(1, height, width)[1:])
+        settings = Settings(num_inference_steps=steps, height=height, width=width,
+                            return_trajectory=bool(return_trajectory), output_attentions=bool(output_attentions))
+        return settings, inputs
+
     def text_inputs(self, prompt_ids, neg_prompt_ids, guidance_scale, jit: bool, mesh) -> dict:
         """The batch-major inputs every text-guided pipeline starts from (with a device axis when jit=True)."""
-        prompt_ids = jnp.asarray(prompt_ids, dtype=jnp.int32)
-        length = self.tokenizer.model_max_length
+        prompt_ids = self.check_token_ids(prompt_ids, "prompt_ids", jit)
         if jit:
-            if prompt_ids.ndim != 3:
-                raise SdjaxError(f"with jit=True, prompt_ids must be sharded as [n_devices, per_device, {length}] "
-                                 f"(flax.training.common_utils.shard); got shape {tuple(prompt_ids.shape)}")
             n_dev = prompt_ids.shape[0]
             if n_dev != jax.local_device_count():
-                raise SdjaxError(f"with jit=True, prompt_ids' leading axis ({n_dev}) must equal the number of local "
+                raise InputError(f"with jit=True, prompt_ids' leading axis ({n_dev}) must equal the number of local "
                                  f"devices ({jax.local_device_count()}); the batch must be divisible by it")
-            batch_shape = prompt_ids.shape[:2]
-            if neg_prompt_ids is None:
-                neg_prompt_ids = np.broadcast_to(self.unconditional_ids(batch_shape[1]), prompt_ids.shape)
-        else:
-            if prompt_ids.ndim != 2:
-                raise SdjaxError(f"prompt_ids must be [batch, {length}] int32 (pipe.prepare_inputs), got shape "
-                                 f"{tuple(prompt_ids.shape)}")
-            batch_shape = prompt_ids.shape[:1]
-            if mesh is not None and batch_shape[0] % mesh.size:
-                raise SdjaxError(f"batch size {batch_shape[0]} must be divisible by the mesh's {mesh.size} devices")
-            if neg_prompt_ids is None:
-                neg_prompt_ids = self.unconditional_ids(batch_shape[0])
-        guidance = jnp.asarray(guidance_scale, jnp.float32)
-        if jit and guidance.ndim == 1 and guidance.shape[0] == batch_shape[0]:  # one per device (diffusers)
-            guidance = guidance[:, None]
-        return {"prompt_ids": prompt_ids, "neg_prompt_ids": jnp.asarray(neg_prompt_ids, jnp.int32),
-                "guidance_scale": jnp.broadcast_to(guidance, batch_shape)}
-
-    def _decode_trajectory(self, params, traj, jit: bool) -> np.ndarray:
-        x0 = traj.pred_original_samples
-        vae_params = params["vae"] if not jit else jax.tree_util.tree_map(lambda x: x[0], params["vae"])
-        if jit:  # [n_dev, T, per_dev, ...] -> [T, n_dev * per_dev, ...]
-            x0 = jnp.swapaxes(x0, 0, 1).reshape((x0.shape[1], -1) + x0.shape[3:])
-        return self.decode_frames(vae_params, x0)
+        elif mesh is not None and prompt_ids.shape[0] % mesh.size:
+            raise InputError(f"batch size {prompt_ids.shape[0]} must be divisible by the mesh's {mesh.size} devices")
+        batch_shape = prompt_ids.shape[:-1]
+        if neg_prompt_ids is None:
+            neg_prompt_ids = np.broadcast_to(self.unconditional_ids(1)[0], prompt_ids.shape)
+        neg_prompt_ids = self.check_token_ids(neg_prompt_ids, "neg_prompt_ids", jit, like=prompt_ids)
+        return {"prompt_ids": prompt_ids, "neg_prompt_ids": neg_prompt_ids,
+                "guidance_scale": self.check_guidance(guidance_scale, batch_shape)}
 
 
 def _token_maps(sown: dict, latent_hw: tuple[int, int], batch: int):

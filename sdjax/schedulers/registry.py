@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 
 from ..errors import SdjaxError
-from ..hub import looks_like_repo_id
+from ..hub import looks_like_repo_id, resolve_folder
 from ..io import read_json
 from .base import ConfigError, Scheduler
 from .ddim import DDIMScheduler
@@ -140,17 +140,8 @@ def load_scheduler_config(folder_or_repo: str | os.PathLike, subfolder: str | No
         raise SdjaxError(f"no {CONFIG_NAME} in {path!r} (looked for: {', '.join(candidates)})")
     if not looks_like_repo_id(path):
         raise SdjaxError(f"no {CONFIG_NAME}: folder not found: {path!r}")
-    # a hub repo id
-    try:
-        from huggingface_hub import hf_hub_download
-
-        file = hf_hub_download(repo_id=path, filename=CONFIG_NAME, subfolder=subfolder or None)
-    except Exception as e:  # noqa: BLE001 - report any hub failure as the missing file
-        where = f"{path}/{subfolder}/{CONFIG_NAME}" if subfolder else f"{path}/{CONFIG_NAME}"
-        raise SdjaxError(
-            f"could not get {where}: {path!r} is not a local folder and the hub download failed ({e})"
-        ) from None
-    return read_json(file)
+    folder = resolve_folder(path, subfolder or None, allow_patterns=(CONFIG_NAME,))  # bounded, offline-aware
+    return read_json(folder / CONFIG_NAME)
 
 
 def load_scheduler(folder_or_repo: str | os.PathLike, subfolder: str | None = "scheduler", **overrides) -> Scheduler:
