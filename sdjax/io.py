@@ -213,15 +213,15 @@ def check_output_dir(path, command: str, overwrite: bool = False, protect=(), ow
     Refused (SdjaxError naming the folder): a file; a folder sdjax cannot create or write; a non-empty folder
     that is not this command's own output (its OUTPUT_MARKER, or one of `own_files` for outputs older than
     the marker) unless `overwrite`; any folder in `protect` (e.g. a training workdir), or a folder holding
-    one, even with `overwrite`. Returns the previous run's marker (its list of files) or None.
+    one, even with `overwrite` (a folder inside one is fine). Returns the previous run's marker or None.
     """
     path = Path(path)
     for p in protect:
-        if p is not None and Path(p).exists() and (_same_or_inside(Path(p), path) or _same_or_inside(path, Path(p))):
-            raise SdjaxError(f"{command}: refusing to write into {path}: it is (or holds, or is inside) {p}, "
-                             "which must not be replaced; choose another output folder")
+        if p is not None and Path(p).exists() and _same_or_inside(Path(p), path):
+            raise SdjaxError(f"refusing to write into {path}: it is (or holds) {p}, which must not be "
+                             "replaced; choose another output folder")
     if path.exists() and not path.is_dir():
-        raise SdjaxError(f"{command}: output {path} is a file, not a folder")
+        raise SdjaxError(f"output {path} is a file, not a folder")
     previous = None
     if path.is_dir():
         entries = [p.name for p in path.iterdir()]
@@ -231,11 +231,11 @@ def check_output_dir(path, command: str, overwrite: bool = False, protect=(), ow
             except (OSError, json.JSONDecodeError):
                 previous = {}
             if previous.get("command") != command and not overwrite:
-                raise SdjaxError(f"{command}: {path} holds the output of `{previous.get('command')}`; "
+                raise SdjaxError(f"{path} holds the output of `{previous.get('command')}`; "
                                  "use another folder, or --overwrite to replace it")
         elif entries and not overwrite and not any((path / f).exists() for f in own_files):
             shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
-            raise SdjaxError(f"{command}: {path} is not empty ({shown}) and is not an sdjax output folder; "
+            raise SdjaxError(f"{path} is not empty ({shown}) and is not an sdjax output folder; "
                              "use a new or empty folder, or --overwrite to write into it anyway")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def check_output_dir(path, command: str, overwrite: bool = False, protect=(), ow
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise SdjaxError(f"{command}: cannot write into {path}: {e.strerror or e}") from None
+        raise SdjaxError(f"cannot write into {path}: {e.strerror or e}") from None
     return previous
 
 

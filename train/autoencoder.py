@@ -28,7 +28,7 @@ from sdjax.models.autoencoder_kl import AutoencoderKL
 
 from . import data as data_lib
 from . import parallel
-from .checkpointing import Checkpointer, check_or_write_config
+from .checkpointing import Checkpointer, check_or_write_config, prepare_workdir
 from .config import LoopConfig, check_ranges, to_jsonable
 from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
@@ -55,6 +55,8 @@ class Config(LoopConfig):
 
     def validate(self) -> None:
         super().validate()
+        AutoencoderKL.check_config_dict(self.vae, "config key 'vae'",
+                                        filled=("down_block_types", "up_block_types", "sample_size", "scaling_factor"))
         check_ranges(self, at_least_one=("image_size", "num_eval_images", "scale_images", "num_train_images"),
                      non_negative=("weight_decay", "kl_weight", "disc_weight", "disc_start"),
                      positive=("disc_learning_rate",))
@@ -183,7 +185,7 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     """Train (resuming from workdir's last checkpoint), then write vae/ and summary.json.
 
     until_step: stop there (checkpointed unless final_save=False, which simulates a kill); rerun to go on."""
-    workdir = Path(workdir)
+    workdir = prepare_workdir(workdir, "sdjax train autoencoder")
     ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
     check_or_write_config(workdir, to_jsonable(cfg), resumable=ckpt.latest_step() is not None)
     mesh = parallel.make_mesh()

@@ -17,11 +17,21 @@ import jax
 import orbax.checkpoint as ocp
 
 from sdjax.errors import ConfigError
-from sdjax.models.modeling_utils import write_json
+from sdjax.io import check_output_dir, record_output, write_json
 
 from .config import config_changes
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_workdir(workdir, command: str) -> Path:
+    """The run's workdir: created, or an existing one of this stage; a file, an unwritable folder or a non-empty
+    folder that is not a training workdir is refused (naming it) before any work."""
+    workdir = Path(workdir)
+    previous = check_output_dir(workdir, command, own_files=("config.json", "checkpoints"))
+    if previous is None:
+        record_output(workdir, command)
+    return workdir
 
 
 def check_or_write_config(workdir: Path, config: dict, resumable: bool) -> None:

@@ -16,14 +16,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from sdjax.io import check_output_dir, record_output
 from sdjax.pipelines import FlaxStableDiffusionPipeline
 
 
+COMMAND = "sdjax train export"
+
+
 def export_pipeline(out_dir, text_encoder, unet, params, vae, vae_params, tokenizer, scheduler, dtype=jnp.float32,
-                    overwrite: bool = False):
-    """params: {"unet": ..., "text_encoder": ...} (e.g. the EMA weights). Returns the folder."""
+                    overwrite: bool = False, protect=()):
+    """params: {"unet": ..., "text_encoder": ...} (e.g. the EMA weights). Returns the folder.
+
+    An existing `out_dir` is replaced only if an earlier export wrote it (its output marker) or `overwrite`;
+    never a folder in `protect` (the training workdirs) or one holding them."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, COMMAND, overwrite=overwrite, protect=protect)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     old = tmp.with_suffix(".old")
     try:
@@ -36,6 +43,7 @@ def export_pipeline(out_dir, text_encoder, unet, params, vae, vae_params, tokeni
         for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
             if (source / name).is_file():
                 shutil.copy(source / name, tmp / "tokenizer" / name)
+        record_output(tmp, COMMAND, sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
         for p in [tmp, *tmp.rglob("*")]:  # readable by everyone, like any installed file
             p.chmod(0o755 if p.is_dir() else 0o644)
         if out_dir.exists():

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from sdjax.errors import ConfigError
-from sdjax.io import read_json, write_json
+from sdjax.io import check_output_dir, read_json, write_json
 from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.models.unet_2d_condition import UNet2DConditionModel
@@ -35,9 +35,9 @@ from sdjax.schedulers import DDPMScheduler, get_scheduler
 from . import data as data_lib
 from . import parallel
 from . import tokenizer as tokenizer_lib
-from .checkpointing import Checkpointer, check_or_write_config
+from .checkpointing import Checkpointer, check_or_write_config, prepare_workdir
 from .config import LoopConfig, build_config, check_choice, check_ranges, to_jsonable
-from .export import export_pipeline
+from .export import COMMAND as EXPORT_COMMAND, export_pipeline
 from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
@@ -71,6 +71,12 @@ class Config(LoopConfig):
 
     def validate(self) -> None:
         super().validate()
+        UNet2DConditionModel.check_config_dict(self.unet, "config key 'unet'",
+                                               filled=("sample_size", "in_channels", "out_channels",
+                                                       "cross_attention_dim"))
+        CLIPTextModel.check_config_dict(self.text_encoder, "config key 'text_encoder'",
+                                        filled=("vocab_size", "max_position_embeddings", "bos_token_id",
+                                                "eos_token_id", "pad_token_id", "projection_dim"))
         check_choice(self, "prediction_type", ("epsilon", "v_prediction"))
         check_choice(self, "beta_schedule", tuple(BETA_SCHEDULES))
         check_choice(self, "sample_scheduler", ("ddim", "pndm"))
@@ -207,7 +213,9 @@ def setup_tokenizer(workdir: Path, captions, model_max_length: int, rebuild: boo
 
 def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,
                        final_save: bool = True, export: bool = True) -> dict:
-    workdir = Path(workdir)
+    workdir = prepare_workdir(workdir, "sdjax train ldm")
+    if export and cfg.export_dir:  # checked now, not after the training
+        check_output_dir(cfg.export_dir, EXPORT_COMMAND, protect=(workdir, cfg.autoencoder_dir))
     ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
     resumable = ckpt.latest_step() is not None
     check_or_write_config(workdir, to_jsonable(cfg), resumable)
@@ -244,7 +252,8 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     if export:
         out = Path(cfg.export_dir) if cfg.export_dir else workdir / "pipeline"
         export_pipeline(out, text_encoder, unet, jax.device_get(state["ema"]), vae, vae_params, tokenizer,
-                        get_scheduler(sampling_scheduler_config(cfg)), overwrite=True)
+                        get_scheduler(sampling_scheduler_config(cfg)), overwrite=not cfg.export_dir,
+                        protect=(workdir, cfg.autoencoder_dir))
         summary["pipeline"] = str(out)
     write_json(workdir / "summary.json", summary)
     logger.info("ldm: %s", summary)
@@ -256,6 +265,7 @@ def export_from_workdir(workdir, out_dir, dtype=jnp.float32, use_ema: bool = Tru
     workdir = Path(workdir)
     if not (workdir / "config.json").is_file():
         raise ConfigError(f"{workdir} is not a stage-2 workdir: it has no config.json (train it with sdjax train ldm)")
+    check_output_dir(out_dir, EXPORT_COMMAND, overwrite=overwrite, protect=(workdir,))  # before any work
     cfg = build_config(Config, read_json(workdir / "config.json"), source=str(workdir / "config.json"))
     vae, vae_params = load_autoencoder(cfg.autoencoder_dir)
     tokenizer = setup_tokenizer(workdir, [], cfg.model_max_length)
@@ -267,4 +277,5 @@ def export_from_workdir(workdir, out_dir, dtype=jnp.float32, use_ema: bool = Tru
     ckpt.close()
     params = state["ema"] if use_ema else state["params"]
     return export_pipeline(out_dir, text_encoder, unet, jax.device_get(params), vae, vae_params, tokenizer,
-                           get_scheduler(sampling_scheduler_config(cfg)), dtype=dtype, overwrite=overwrite)
+                           get_scheduler(sampling_scheduler_config(cfg)), dtype=dtype, overwrite=overwrite,
+                           protect=(workdir, cfg.autoencoder_dir))

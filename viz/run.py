@@ -74,9 +74,9 @@ def run_live(pipe, params, prompts: list[str], *, seed: int = 0, steps: int = 25
     """One compiled pipeline call for all prompts, keeping the trajectory (and attention maps if asked)."""
     if not prompts:
         raise SdjaxError("no prompt given (--prompt TEXT)")
-    height = height or pipe.default_size
-    width = width or pipe.default_size
-    pipe.check_inputs(height, width, steps)
+    height = pipe.default_size if height is None else height
+    width = pipe.default_size if width is None else width
+    pipe.check_inputs(height, width, steps, len(prompts))
     seeds = sample_seeds(seed, range(len(prompts)))
     # Same noise and loop key as the first shard of `sdjax trajectories --seed seed`, so both agree.
     out = pipe(pipe.prepare_inputs(prompts), params, loop_key(seed, 0),

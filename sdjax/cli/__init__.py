@@ -17,8 +17,15 @@ from ..errors import SdjaxError
 from . import generate, train, viz
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (`sdjax generate: error: argument --steps: ...`) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX/Flax.")
+    parser = Parser(prog="sdjax", description="Stable Diffusion in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_commands(sub)
     viz.add_commands(sub)
@@ -27,18 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(command, prog: str) -> int:
-    """Run `command()` for a command-line program: 0 when it returns; an SdjaxError is printed as one line,
-    `prog: error: ...` (exit code 2), and Ctrl-C as `prog: interrupted` (130). Anything else is a bug in sdjax
-    and keeps its traceback."""
+    """Run `command()` for a command-line program: 0 when it returns. User errors print one line,
+    `prog: error: ...`, and exit with 2: sdjax's own errors (bad arguments, files, configs, weights) and OS
+    errors on a path (a folder that cannot be written, a file that cannot be read). Ctrl-C prints
+    `prog: interrupted` (130). Anything else is a bug in sdjax and keeps its traceback."""
     try:
         command()
     except SdjaxError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"{prog}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(message: str) -> str:
+    """The first line, and how many more there are (a weights mismatch lists its tensors over many lines)."""
+    lines = message.strip().splitlines() or [""]
+    if len(lines) == 1:
+        return lines[0]
+    return f"{lines[0]} " + "; ".join(line.strip() for line in lines[1:6]) + (" ..." if len(lines) > 6 else "")
 
 
 def quiet_libraries() -> None:
@@ -51,7 +72,10 @@ def quiet_libraries() -> None:
 def main(argv=None) -> int:
     quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line argument error (2)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

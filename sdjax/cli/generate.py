@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import SdjaxError
+from .args import finite_float, positive_int, seed
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -18,11 +18,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="diffusers-format Stable Diffusion folder or hub repo id (default: the shipped toy model)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampling method (default: the model folder's own scheduler)")
-    p.add_argument("--steps", type=int, default=None, help="number of inference steps (default: 50; 25 for the toy model)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 7.5; 5 for the toy model)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="number of inference steps (default: 50; 25 for the toy model)")
+    p.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale (default: 7.5; 5 for the toy model)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed; sample i uses seed + i (default: 0)")
+    p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and parameter dtype (default: float32)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache folder (or set JAX_COMPILATION_CACHE_DIR)")
@@ -33,17 +35,24 @@ def add_commands(sub) -> None:
     add_model_args(g)
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
-    g.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default: 1)")
-    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--num-images", type=positive_int, default=1, help="images to generate for the prompt (default: 1)")
+    add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("trajectories", help="batch-generate denoising trajectories for many prompts (resumable)")
     add_model_args(t)
     t.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    t.add_argument("--batch-size", type=int, default=4, help="prompts per compiled call and per shard (default: 4)")
+    t.add_argument("--batch-size", type=positive_int, default=4,
+                   help="prompts per compiled call and per shard (default: 4)")
     t.add_argument("--save-images", action="store_true", help="also write each final image as PNG")
-    t.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    add_out_args(t, "output folder (rerun the same command to resume)")
     t.set_defaults(func=cmd_trajectories)
+
+
+def add_out_args(p: argparse.ArgumentParser, help: str = "output folder", required: bool = True, default=None) -> None:
+    p.add_argument("--out", required=required, default=default, help=help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it is a non-empty folder that sdjax did not write")
 
 
 def default_model() -> str:
@@ -74,18 +83,17 @@ def load_pipeline(args):
 def cmd_generate(args) -> None:
     import numpy as np
 
-    from ..io import write_json, write_png
+    from ..io import check_output_dir, record_output, write_json, write_png
     from ..seeds import initial_noise, loop_key, sample_seeds
 
-    if args.num_images < 1:
-        raise SdjaxError(f"--num-images must be >= 1, got {args.num_images}")
+    previous = check_output_dir(args.out, "sdjax generate", overwrite=args.overwrite)
     pipe, params, model, steps, guidance = load_pipeline(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
     neg = pipe.prepare_inputs([args.negative_prompt] * args.num_images)
-    height, width = args.height or pipe.default_size, args.width or pipe.default_size
-    pipe.check_inputs(height, width, steps)
+    height = pipe.default_size if args.height is None else args.height
+    width = pipe.default_size if args.width is None else args.width
+    pipe.check_inputs(height, width, steps, args.num_images)
     # image i starts from the noise of seed + i: the same image as `sdjax viz` / `sdjax trajectories` give
     latents = initial_noise(sample_seeds(args.seed, range(args.num_images)), pipe.latent_shape(1, height, width)[1:])
     t0 = time.perf_counter()
@@ -104,15 +112,19 @@ def cmd_generate(args) -> None:
         "scheduler": pipe.scheduler.name, "dtype": args.dtype, "num_images": args.num_images, "images": files,
         "seconds_including_compile": round(seconds, 3),
     })
+    record_output(out, "sdjax generate", files + ["settings.json"], previous)
     print(f"wrote {len(files)} image(s) and settings.json to {out}")
 
 
 def cmd_trajectories(args) -> None:
-    from ..trajectories import read_prompts, run_trajectories
+    from ..io import check_output_dir
+    from ..trajectories import LOCK, MANIFEST, read_prompts, run_trajectories
 
-    prompts = read_prompts(args.prompts)
+    prompts, lines = read_prompts(args.prompts)
+    check_output_dir(args.out, "sdjax trajectories", overwrite=args.overwrite, own_files=(MANIFEST, LOCK))
     pipe, params, model, steps, guidance = load_pipeline(args)
     manifest = run_trajectories(pipe, params, prompts, args.out, batch_size=args.batch_size, steps=steps,
                                 guidance_scale=guidance, seed=args.seed, height=args.height, width=args.width,
-                                save_images=args.save_images, settings_extra={"model": model, "dtype": args.dtype})
+                                save_images=args.save_images, settings_extra={"model": model, "dtype": args.dtype},
+                                prompt_lines=lines, overwrite=args.overwrite)
     print(f"{len(manifest['shards'])} shard(s) for {len(prompts)} prompts in {args.out} (manifest.json)")

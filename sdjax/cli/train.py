@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 
+from .args import finite_float, positive_float, positive_int, seed
+
 # stage name -> (module under sdjax.train, the shipped config it trains by default)
 STAGES = {
     "autoencoder": ("autoencoder", "shapes_autoencoder"),
@@ -32,7 +34,8 @@ def add_commands(sub) -> None:
                        help="checkpoints, metrics, outputs (an existing workdir is resumed)")
         s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. num_steps=200 'unet={\"layers_per_block\": 2}'")
-        s.add_argument("--until-step", type=int, default=None, help="stop at this step (checkpointed); rerun to go on")
+        s.add_argument("--until-step", type=positive_int, default=None,
+                       help="stop at this step (checkpointed); rerun to go on")
         s.set_defaults(func=cmd_stage, command_path=["train", name])
 
     e = stages.add_parser("export", help="write a stage-2 workdir's model as a diffusers pipeline folder")
@@ -48,10 +51,10 @@ def add_commands(sub) -> None:
     v.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
     v.add_argument("--classifier-dir", default="runs/shapes_classifier",
                    help="where the evaluation classifier is cached (trained there on first use)")
-    v.add_argument("--guidance", type=float, nargs="+", default=[5.0])
-    v.add_argument("--steps", type=int, default=25)
-    v.add_argument("--per-caption", type=int, default=4)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--guidance", type=finite_float, nargs="+", default=[5.0])
+    v.add_argument("--steps", type=positive_int, default=25)
+    v.add_argument("--per-caption", type=positive_int, default=4)
+    v.add_argument("--seed", type=seed, default=0)
     v.add_argument("--out", default=None, help="folder for eval_g*.json and sample grids")
     v.set_defaults(func=cmd_evaluate, command_path=["train", "evaluate"])
 
@@ -59,9 +62,9 @@ def add_commands(sub) -> None:
     c.add_argument("--out", default="runs/compression")
     c.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
     c.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="shapes images (64: f up to 16)")
-    c.add_argument("--ae-seconds", type=float, default=150)
-    c.add_argument("--ldm-seconds", type=float, default=300)
-    c.add_argument("--per-caption", type=int, default=2)
+    c.add_argument("--ae-seconds", type=positive_float, default=150)
+    c.add_argument("--ldm-seconds", type=positive_float, default=300)
+    c.add_argument("--per-caption", type=positive_int, default=2)
     c.add_argument("--classifier-dir", default="runs/shapes_classifier")
     c.add_argument("--report", default=None, help="markdown table (+ .png plot) to write; default OUT/compression.md")
     c.set_defaults(func=cmd_compression_study, command_path=["train", "compression-study"])
@@ -95,18 +98,27 @@ def cmd_export(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from ..assets import toy_model_path
+    from ..io import check_output_dir, record_output
     from ..train.evaluate import evaluate
 
+    command = "sdjax train evaluate"
+    previous = check_output_dir(args.out, command, own_files=("samples_g5.png",)) if args.out else None
     _logging()
     model = args.model or toy_model_path()
+    files = set((previous or {}).get("files", []))
     for g in args.guidance:
         print(json.dumps(evaluate(model, args.classifier_dir, g, args.steps, args.per_caption, args.seed,
                                   out_dir=args.out), indent=2))
+        files |= {f"eval_g{g:g}.json", f"samples_g{g:g}.png"}
+        if args.out:  # results for other guidance scales from earlier runs stay
+            record_output(args.out, command, sorted(files))
 
 
 def cmd_compression_study(args) -> None:
+    from ..io import check_output_dir
     from ..train.compression_study import run_study
 
+    check_output_dir(args.out, "sdjax train compression-study", own_files=("results.json",))
     report = run_study(args.out, args.factors, args.image_size, args.ae_seconds, args.ldm_seconds, args.per_caption,
                        args.classifier_dir, args.report)
     print(f"wrote {report} and {report.with_suffix('.png')}")

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 from ..errors import SdjaxError
+from ..io import check_output_dir, record_output
 from ..viz import COMPLETION_STEPS
-from .generate import add_model_args, load_pipeline
+from .args import positive_int
+from .generate import add_model_args, add_out_args, load_pipeline
 # Captions of the toy model's training set ("a {color} {shape} on a {background} background").
 DEMO_PROMPTS = (
     "a red circle on a white background",
@@ -18,10 +20,11 @@ DEMO_PROMPTS = (
     "a green circle on a black background",
 )
 DEMO_OUT = "sdjax-demo"
+VIZ_FILES = ("grid.png", "convergence.json")  # what a viz folder written before output markers holds
 
 
 def _add_viz_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--columns", type=int, default=8,
+    p.add_argument("--columns", type=positive_int, default=8,
                    help="steps shown in the grid, evenly spaced, always the first and the last (default: 8)")
     p.add_argument("--tokens", default=None,
                    help="comma-separated words of the prompt for the attention maps (default: its content words)")
@@ -41,13 +44,13 @@ def add_commands(subparsers) -> None:
                    help="draw from a shard written by `sdjax trajectories` instead of running the model "
                         "(no attention maps)")
     _add_viz_options(v)
-    v.add_argument("--out", required=True, help="output folder")
+    add_out_args(v)
     v.set_defaults(func=cmd_viz)
 
     d = subparsers.add_parser("demo", help="`sdjax viz` on the shipped toy model with a few shape prompts, offline")
     add_model_args(d)
     _add_viz_options(d)
-    d.add_argument("--out", default=DEMO_OUT, help=f"output folder (default: ./{DEMO_OUT})")
+    add_out_args(d, f"output folder (default: ./{DEMO_OUT})", required=False, default=DEMO_OUT)
     d.set_defaults(func=cmd_demo)
 
 
@@ -55,17 +58,19 @@ def _tokens(args) -> list[str] | None:
     return [t for t in args.tokens.split(",") if t.strip()] if args.tokens else None
 
 
-def _report(files: dict, out: Path, seconds: float) -> None:
+def _report(files: dict, out: Path, seconds: float, previous, command: str) -> None:
+    record_output(out, command, [Path(f).name for f in files.values()], previous)
     print(f"wrote to {out.resolve()} in {seconds:.1f} s:")
     for path in files.values():
         print(f"  {Path(path).resolve()}")
 
 
-def _live(args, prompts: list[str]) -> None:
+def _live(args, prompts: list[str], command: str) -> None:
     from ..viz import render, run_live
     from ..viz.attention import select_words
 
     t0 = time.perf_counter()
+    previous = check_output_dir(args.out, command, overwrite=args.overwrite, own_files=VIZ_FILES)
     pipe, params, model, steps, guidance = load_pipeline(args)
     tokens = _tokens(args)
     select_words(pipe.tokenizer, prompts, tokens)  # a wrong --tokens fails before the model runs
@@ -75,20 +80,21 @@ def _live(args, prompts: list[str]) -> None:
     print("rendering ...", file=sys.stderr)
     files = render(pipe, params, data, args.out, columns=args.columns, completion_steps=args.completion_steps,
                    tokens=tokens)
-    _report(files, Path(args.out), time.perf_counter() - t0)
+    _report(files, Path(args.out), time.perf_counter() - t0, previous, command)
 
 
 def cmd_viz(args) -> None:
     if args.shard is None:
         if not args.prompt:
             raise SdjaxError("--prompt TEXT is required (or --shard FILE to draw a saved trajectory)")
-        return _live(args, args.prompt)
+        return _live(args, args.prompt, "sdjax viz")
 
     from ..viz import from_shard, render
 
     t0 = time.perf_counter()
     if args.prompt:
         raise SdjaxError("--prompt and --shard cannot be combined: the shard holds its own prompts")
+    previous = check_output_dir(args.out, "sdjax viz", overwrite=args.overwrite, own_files=VIZ_FILES)
     data = from_shard(args.shard)
     ignored = [f"--{k}" for k in ("steps", "guidance", "scheduler", "height", "width") if getattr(args, k) is not None]
     if ignored:
@@ -102,8 +108,8 @@ def cmd_viz(args) -> None:
     files = render(pipe, params, data, args.out, columns=args.columns, completion_steps=args.completion_steps)
     print("note: attention.png needs a live run (a shard holds no attention maps): run `sdjax viz --prompt ...` "
           "without --shard", file=sys.stderr)
-    _report(files, Path(args.out), time.perf_counter() - t0)
+    _report(files, Path(args.out), time.perf_counter() - t0, previous, "sdjax viz")
 
 
 def cmd_demo(args) -> None:
-    _live(args, list(DEMO_PROMPTS))
+    _live(args, list(DEMO_PROMPTS), "sdjax demo")

@@ -14,6 +14,7 @@ A model class is a Flax module whose dataclass fields are its config keys. It de
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import logging
 import typing
@@ -122,6 +123,26 @@ class FlaxModelMixin:
         for name, allowed in (("attention_kernel", ATTENTION_KERNELS), ("conv_kernel", CONV_KERNELS)):
             if name in self.runtime_fields():
                 check_kernel(getattr(self, name), allowed, f"{type(self).__name__}.{name}")
+
+    @classmethod
+    def check_config_dict(cls, config: dict, source: str, filled: tuple = ()) -> None:
+        """Check a partial config (e.g. a training config's `unet` dict) without building the model: every key
+        is one of the model's (with a close match suggested), of its declared type; `filled` keys are set by
+        the caller and may not be given."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: expected an object of {cls.__name__} config keys, got {type(config).__name__}")
+        fields = cls.config_fields()
+        for key in config:
+            if key in filled:
+                raise ConfigError(f"{source}: key {key!r} is filled in from the other models; remove it")
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: {key!r} is not a {cls.__name__} config key{hint}")
+        check_fields(cls.__name__, config, cls.config_types(), source)
+        for key in set(config) & set(cls._positive_keys):
+            if not _all_positive(config[key]):
+                raise ConfigError(f"{cls.__name__}: config key {key!r} = {config[key]!r} in {source}: must be > 0")
 
     @property
     def config(self) -> dict[str, Any]:

@@ -140,10 +140,12 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         return (batch, self.unet.out_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
-    def check_inputs(self, height: int, width: int, num_inference_steps: int) -> None:
-        """Sizes and step count as the pipeline accepts them (the CLI and trajectories check before loading work)."""
+    def check_inputs(self, height: int, width: int, num_inference_steps: int, batch: int = 1) -> None:
+        """Sizes, step count and memory as the pipeline accepts them (the CLI and trajectories check before any
+        array is made)."""
         self.check_size(height, width)
         self.check_steps(num_inference_steps)
+        self.check_memory(batch, height, width)
 
     def unconditional_ids(self, batch: int) -> np.ndarray:
         return np.tile(self.prepare_inputs([""]), (batch, 1))
