@@ -12,3 +12,8 @@ class ConfigError(SdjaxError, ValueError):
 
 class WeightsError(SdjaxError):
     """A weights file is missing, unreadable, refused (pickle), or does not match the model."""
+
+
+class AdapterError(WeightsError):
+    """A LoRA or textual-inversion file is refused (pickle, unknown layout) or does not fit the model it is loaded
+    into (the message names the file, the keys, the layers and both shapes)."""
