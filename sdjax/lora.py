@@ -83,9 +83,9 @@ _OLD_ATTN = re.compile(r"^(?:(.*)\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.we
 _OLD_ATTN_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _OLD_ATTN_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-_UNSUPPORTED = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LoHa (LyCORIS)"),
-                ("lokr_", "LoKr (LyCORIS)"), (".diff", "full weight differences (LyCORIS 'diff')"),
-                ("lora_mid", "LoCon with a Tucker 'lora_mid'"))
+_UNSUPPORTED = ((r"dora_scale|lora_magnitude_vector", "DoRA"), (r"\.hada_", "LoHa (LyCORIS)"),
+                (r"\.lokr_", "LoKr (LyCORIS)"), (r"\.diff(_b)?$", "full weight differences (LyCORIS 'diff')"),
+                (r"\.lora_mid\.", "LoCon with a Tucker 'lora_mid'"))
 _SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -167,7 +167,7 @@ def load_lora(path_or_file, params: Mapping[str, Any], allow_pickle: bool = Fals
 
 
 def lora_from_state_dict(state: Mapping[str, Any], params: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
-                         source: str = "the LoRA state dict", dtype=jnp.float32) -> LoraAdapter:
+                         source: str = "state dict", dtype=jnp.float32) -> LoraAdapter:
     """`load_lora` for tensors already in memory: {key: array} in diffusers/PEFT or Kohya names."""
     if not len(state):
         raise AdapterError(f"{source} holds no tensors")
@@ -229,7 +229,7 @@ def _group_keys(state, params, source):
         roles[role] = key
 
     for key in state.keys():
-        what = next((label for marker, label in _UNSUPPORTED if marker in key), None)
+        what = next((label for pattern, label in _UNSUPPORTED if re.search(pattern, key)), None)
         if what:
             problems.unsupported.append(f"{key} ({what})")
             continue
@@ -451,7 +451,7 @@ def _problem_message(source, params, problems: _Problems, mismatched, ranks, inc
 def _read_lora_file(path_or_file, allow_pickle: bool, weight_name: str | None):
     """-> (state: Mapping[str, array], metadata: dict | None, source: str)."""
     if isinstance(path_or_file, Mapping):
-        return path_or_file, None, "the LoRA state dict"
+        return path_or_file, None, "state dict"
     name = os.fspath(path_or_file)
     path = Path(name)
     if path.is_dir():
@@ -528,8 +528,7 @@ def merge_lora(params: Mapping[str, Any], adapters: Mapping[str, LoraAdapter], s
     """
     scales = _resolve_scales(adapters, scales)
     out = dict(params)
-    touched = [c for c in COMPONENTS if any(c in a.layers and a.layers[c] for a in adapters.values())]
-    touched += sorted({c for a in adapters.values() for c in a.layers if a.layers[c]} - set(touched))
+    touched = dict.fromkeys(c for a in adapters.values() for c in a.components)
     for component in touched:
         if component not in params:
             names = [n for n, a in adapters.items() if a.layers.get(component)]
@@ -574,16 +573,28 @@ def _resolve_scales(adapters, scales) -> dict[str, dict[str, Any]]:
     for name, adapter in adapters.items():
         if not isinstance(adapter, LoraAdapter):
             raise AdapterError(f"adapter {name!r} is a {type(adapter).__name__}, not a LoraAdapter (use load_lora)")
-        scale = scales.get(name, 1.0)
+        scale = scales.get(name)
         if isinstance(scale, Mapping):
             bad = [c for c in scale if c not in COMPONENTS]
             if bad:
                 raise AdapterError(f"scales[{name!r}] names unknown components {bad} (components: "
                                    f"{', '.join(COMPONENTS)})")
-            out[name] = {c: scale.get(c, 1.0) for c in COMPONENTS}
+            per = {c: _scale_value(scale.get(c), f"scales[{name!r}][{c!r}]") for c in COMPONENTS}
         else:
-            out[name] = collections.defaultdict(lambda s=scale: s)
+            per = dict.fromkeys(COMPONENTS, _scale_value(scale, f"scales[{name!r}]"))
+        out[name] = per
     return out
+
+
+def _scale_value(scale, where):
+    """None -> 1.0 (diffusers' default); a number or a scalar array stays as it is (traced under jit)."""
+    if scale is None:
+        return 1.0
+    if isinstance(scale, Mapping):
+        raise AdapterError(f"{where} is a dict: per-block scales are not supported; give one number per component")
+    if np.ndim(scale) != 0:
+        raise AdapterError(f"{where} must be a scalar, got shape {np.shape(scale)}")
+    return scale
 
 
 def fuse_lora(params: Mapping[str, Any], adapter: LoraAdapter, scale=1.0) -> dict:

@@ -302,6 +302,14 @@ def test_merge_errors(models):
         merge_lora(params, {"a": adapter}, {"b": 1.0})
     with pytest.raises(AdapterError, match="unknown components \\['vae'\\]"):
         merge_lora(params, {"a": adapter}, {"a": {"vae": 1.0}})
+    with pytest.raises(AdapterError, match="per-block scales are not supported"):
+        merge_lora(params, {"a": adapter}, {"a": {"unet": {"down": 1.0}}})
+    with pytest.raises(AdapterError, match="must be a scalar, got shape \\(2,\\)"):
+        merge_lora(params, {"a": adapter}, {"a": np.ones(2)})
+    # None is diffusers' "default weight": 1.0, as is a component the dict leaves out
+    one = merge_lora(params, {"a": adapter})["text_encoder"]
+    for scales in ({"a": None}, {"a": {"unet": 0.0}}):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, merge_lora(params, {"a": adapter}, scales)["text_encoder"], one)
     with pytest.raises(AdapterError, match="change text_encoder, which the params do not have"):
         merge_lora({"unet": params["unet"]}, {"a": adapter})
     wide = CLIPTextModel.from_config(TEXT | {"vocab_size": 600, "hidden_size": 40, "intermediate_size": 37})
