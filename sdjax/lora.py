@@ -17,12 +17,14 @@ as PEFT does: `down` is a conv with the layer's kernel size, `up` a 1x1 conv, an
 composition, `delta[h, w, i, o] = sum_r down[h, w, i, r] * up[r, o]`.
 
 Pipeline wiring is `params = merge_lora(params, adapters, scales)` at the top of the traced function, with
-`adapters` and `scales` passed in beside the params (e.g. `params["lora"]`).
+`adapters` and `scales` passed in beside the params (e.g. `params["lora"]`). Pass scales as one kind of value
+(e.g. always `jnp.float32` arrays): a weakly typed Python float and a float32 array are different jit inputs.
 
 Alphas, as diffusers applies them:
   * diffusers/PEFT files: the `lora_adapter_metadata` JSON in the safetensors header (the PEFT `LoraConfig` of each
     component: `r`, `lora_alpha`, `rank_pattern`, `alpha_pattern`, `use_rslora`), matched to module names with
-    PEFT's pattern rule; a file without it has scale alpha/rank = 1 (PEFT's `W + B @ A`);
+    PEFT's pattern rule; a file without it has scale alpha/rank = 1 (PEFT's `W + B @ A`), unless it carries
+    `<module>.alpha` tensors, which are read as Kohya's (diffusers refuses such files);
   * Kohya files: the `alpha` tensor of each layer, scale alpha/rank per layer (a layer without one, or with 0, has
     alpha = rank, as kohya-ss' LoRA module does). diffusers turns these into a `LoraConfig` with the most common alpha
     and an `alpha_pattern` for the rest; that pattern misses attention layers (it keeps `.processor.to_q_lora...` in
@@ -128,8 +130,8 @@ class LoraAdapter:
 
     component: "unet", "text_encoder" or "text_encoder_2" (the keys of the pipeline's params dict); the layer key
     is the Flax module path (params[component]["down_blocks_0"]...["to_q"] holds the kernel it changes). Only
-    arrays are leaves: two adapters with the same layers and ranks have the same tree structure, so swapping one
-    for the other in a compiled program does not recompile either.
+    arrays are leaves (and the rsLoRA flag is static): two adapters with the same layers and ranks have the same tree
+    structure, so swapping one for the other in a compiled program does not recompile either.
     """
 
     layers: dict[str, dict[str, LoraLayer]]
@@ -392,8 +394,11 @@ def _pattern_names(component, path) -> list[str]:
 def _pattern_value(patterns: Mapping[str, Any], names, default):
     """PEFT's `get_pattern_key`: the first pattern P with re.match(rf'(.*\\.)?({P})$', name)."""
     for pattern, value in patterns.items():
-        if any(re.match(rf"(.*\.)?({pattern})$", n) for n in names):
-            return value
+        try:
+            if any(re.match(rf"(.*\.)?({pattern})$", n) for n in names):
+                return value
+        except re.error as e:
+            raise AdapterError(f"the LoRA metadata's pattern {pattern!r} is not a regular expression: {e}") from None
     return default
 
 
