@@ -20,3 +20,8 @@ class InputError(SdjaxError, ValueError):
 
 class NonFiniteError(SdjaxError, FloatingPointError):
     """A generation produced NaN or inf (the message names the first step whose latents were not finite)."""
+
+
+class AdapterError(WeightsError):
+    """A LoRA or textual-inversion file is refused (pickle, unknown layout) or does not fit the model it is loaded
+    into (the message names the file, the keys, the layers and both shapes)."""
