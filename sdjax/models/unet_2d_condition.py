@@ -34,6 +34,21 @@ def _per_block(value, n: int, key: str, owner: str = "UNet2DConditionModel") -> 
     return (value,) * n
 
 
+def _add_residual(features, residual, what: str):
+    """NHWC features + an NCHW residual. The residual may broadcast over H, W (a ControlNet with
+    global_pool_conditions gives [B, C, 1, 1]); it is cast to the features' dtype so that a bf16 UNet stays bf16."""
+    r = jnp.transpose(jnp.asarray(residual), (0, 2, 3, 1))  # NCHW -> NHWC
+    try:
+        fits = r.ndim == 4 and jnp.broadcast_shapes(features.shape, r.shape) == features.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        nchw = lambda s: (s[0], s[3], s[1], s[2])  # noqa: E731
+        raise ConfigError(f"UNet2DConditionModel: {what} has shape {tuple(jnp.shape(residual))}, the UNet's "
+                          f"features there are {nchw(features.shape)} (NCHW)")
+    return features + r.astype(features.dtype)
+
+
 class UNetEncoderMixin:
     """The encoder half that UNet2DConditionModel and ControlNetModel share (diffusers builds both from the same
     config keys and ControlNetModel.from_unet copies these weights): the checks of the keys it reads, the time
@@ -92,6 +107,16 @@ class UNetEncoderMixin:
     def _time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
 
+    def skip_channels(self) -> tuple[int, ...]:
+        """Channels of the down path's skips in order (conv_in's output, then every resnet/attention output and
+        downsample of every block): what the up path consumes and what a ControlNet's residuals must match."""
+        boc = self.block_out_channels
+        layers = self._for_blocks("layers_per_block")
+        out = [boc[0]]
+        for i, c in enumerate(boc):
+            out += [c] * (layers[i] + (i < len(boc) - 1))
+        return tuple(out)
+
     # ------------------------------------------------------------------ forward pieces (NHWC)
     def _time_embedding(self, timesteps, batch: int):
         """Timesteps (scalar or [B], int or float) -> [batch, time_embed_dim]: sinusoids in float32, then the MLP."""
@@ -102,7 +127,7 @@ class UNetEncoderMixin:
 
     def _down(self, x, emb, context):
         """conv_in's output -> (lowest-resolution features, skips): every resnet/attention output and every
-        downsample is a skip for the up path."""
+        downsample is a skip for the up path (and gets a ControlNet residual)."""
         n = len(self.block_out_channels)
         boc, heads, cross_dims = self.block_out_channels, self._heads(), self._cross_dims()
         layers = self._for_blocks("layers_per_block")
@@ -258,11 +283,21 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
 
     # ------------------------------------------------------------------ forward
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False):
+    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample [B, C, H, W], timesteps scalar or [B] (int or float), encoder_hidden_states [B, L, D]
-        -> noise prediction [B, out_channels, H, W] in sample's dtype."""
+        -> noise prediction [B, out_channels, H, W] in sample's dtype.
+
+        down_block_additional_residuals (one NCHW array per skip, `skip_channels()`) and
+        mid_block_additional_residual (NCHW): a ControlNet's output, added as diffusers adds them, to the down
+        path's skips and to the mid block's output. Both or neither (diffusers would silently ignore a lone mid
+        residual and read lone down residuals as a T2I-Adapter's).
+        """
         if train and self.dropout > 0:
             raise NotImplementedError("UNet2DConditionModel: dropout > 0 in training is not implemented")
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ConfigError("UNet2DConditionModel: pass both down_block_additional_residuals and "
+                              "mid_block_additional_residual (a ControlNet's output), or neither")
         n = len(self.block_out_channels)
         boc = self.block_out_channels
         heads, cross_dims = self._heads(), self._cross_dims()
@@ -285,9 +320,19 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
 
         # 3. down
         x, skips = self._down(x, emb, context)
+        if down_block_additional_residuals is not None:
+            residuals = list(down_block_additional_residuals)
+            if len(residuals) != len(skips):
+                raise ConfigError(f"UNet2DConditionModel: down_block_additional_residuals has {len(residuals)} "
+                                  f"arrays, the UNet has {len(skips)} skips (conv_in, every resnet/attention, every "
+                                  f"downsample; channels {self.skip_channels()})")
+            skips = [_add_residual(s, r, f"down_block_additional_residuals[{i}]")
+                     for i, (s, r) in enumerate(zip(skips, residuals))]
 
         # 4. mid
         x = self._mid(x, emb, context)
+        if mid_block_additional_residual is not None:
+            x = _add_residual(x, mid_block_additional_residual, "mid_block_additional_residual")
 
         # 5. up, widths reversed. Each up block has one more resnet than its down block (it also eats the
         # downsample's skip). Upsampling targets the size of the next skip, so odd latent sizes work.
