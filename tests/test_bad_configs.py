@@ -8,10 +8,11 @@ import pytest
 from sdjax.errors import ConfigError, WeightsError
 from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.clip_text import CLIPTextModel
+from sdjax.models.controlnet import ControlNetModel
 from sdjax.models.unet_2d_condition import UNet2DConditionModel
 from sdjax.validation import wrong_values
 
-MODELS = [UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
+MODELS = [UNet2DConditionModel, AutoencoderKL, CLIPTextModel, ControlNetModel]
 
 
 def cases():
@@ -41,6 +42,7 @@ def test_every_model_field_is_covered():
     (AutoencoderKL, "scaling_factor", 0), (AutoencoderKL, "scaling_factor", -0.5),
     (AutoencoderKL, "block_out_channels", [32, 0]), (UNet2DConditionModel, "layers_per_block", 0),
     (UNet2DConditionModel, "attention_head_dim", [8, -1, 8, 8]), (CLIPTextModel, "num_hidden_layers", 0),
+    (ControlNetModel, "conditioning_embedding_out_channels", [16, 0]), (ControlNetModel, "conditioning_channels", 0),
 ])
 def test_numbers_that_must_be_positive(cls, key, value):
     with pytest.raises(ConfigError, match=f"'{key}' = .*must be > 0"):

@@ -26,10 +26,12 @@ SMALL_CONV_PIXELS = 64
 
 
 def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: int | None = None,
-         conv_kernel: str = "auto") -> nn.Conv:
+         conv_kernel: str = "auto", zero_init: bool = False) -> nn.Conv:
+    """zero_init: kernel and bias start at zero (a ControlNet's "zero convolutions", diffusers' zero_module)."""
     pad = kernel // 2 if padding is None else padding
+    inits = dict(kernel_init=nn.initializers.zeros_init(), bias_init=nn.initializers.zeros_init()) if zero_init else {}
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, name=name, conv_general_dilated=CONV_FUNCTIONS[conv_kernel])
+                   dtype=dtype, name=name, conv_general_dilated=CONV_FUNCTIONS[conv_kernel], **inits)
 
 
 def _xla_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,

@@ -25,16 +25,144 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-def _per_block(value, n: int, key: str) -> tuple:
+def _per_block(value, n: int, key: str, owner: str = "UNet2DConditionModel") -> tuple:
     """An int (or bool) for every block, or one value per block."""
     if isinstance(value, (tuple, list)):
         if len(value) != n:
-            raise ConfigError(f"UNet2DConditionModel: config key {key!r} = {value!r} needs one value per block ({n})")
+            raise ConfigError(f"{owner}: config key {key!r} = {value!r} needs one value per block ({n})")
         return tuple(value)
     return (value,) * n
 
 
-class UNet2DConditionModel(nn.Module, FlaxModelMixin):
+def _add_residual(features, residual, what: str):
+    """NHWC features + an NCHW residual. The residual may broadcast over H, W (a ControlNet with
+    global_pool_conditions gives [B, C, 1, 1]); it is cast to the features' dtype so that a bf16 UNet stays bf16."""
+    r = jnp.transpose(jnp.asarray(residual), (0, 2, 3, 1))  # NCHW -> NHWC
+    try:
+        fits = r.ndim == 4 and jnp.broadcast_shapes(features.shape, r.shape) == features.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        nchw = lambda s: (s[0], s[3], s[1], s[2])  # noqa: E731
+        raise ConfigError(f"UNet2DConditionModel: {what} has shape {tuple(jnp.shape(residual))}, the UNet's "
+                          f"features there are {nchw(features.shape)} (NCHW)")
+    return features + r.astype(features.dtype)
+
+
+class UNetEncoderMixin:
+    """The encoder half that UNet2DConditionModel and ControlNetModel share (diffusers builds both from the same
+    config keys and ControlNetModel.from_unet copies these weights): the checks of the keys it reads, the time
+    embedding, the down blocks and the mid block. Called from the models' compact `__call__`, so the
+    submodules it creates belong to the model under the PyTorch names (`time_embedding`, `down_blocks_i`,
+    `mid_block`). A plain mixin, not a Linen module: Flax wraps only a module class's own methods.
+    """
+
+    def _refuse(self, key, value, supported):
+        raise ConfigError(f"{type(self).__name__}: config key {key!r} = {value!r} is not supported "
+                          f"(supported: {supported})")
+
+    def _check_block_types(self, key: str, types: tuple) -> None:
+        value = tuple(getattr(self, key))
+        n = len(self.block_out_channels)
+        if len(value) != n:
+            raise ConfigError(f"{type(self).__name__}: config key {key!r} = {value!r} needs one entry "
+                              f"per block_out_channels ({n})")
+        for t in value:
+            if t not in types:
+                self._refuse(key, value, f"tuples of {', '.join(types)}")
+
+    def _check_encoder_config(self) -> None:
+        """The unsupported values (`_config_supported`) and the keys the time embedding, down and mid blocks read."""
+        for key, allowed in self._config_supported.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                self._refuse(key, value, ", ".join(repr(a) for a in allowed))
+        self._check_block_types("down_block_types", DOWN_BLOCK_TYPES)
+        if any(self._for_blocks("only_cross_attention")):
+            self._refuse("only_cross_attention", self.only_cross_attention, "False")
+        if self.norm_num_groups is None:
+            self._refuse("norm_num_groups", None, "an int")
+        for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim", "transformer_layers_per_block"):
+            for v in self._for_blocks(key):
+                if not isinstance(v, int):  # e.g. SDXL-style nested transformer_layers_per_block
+                    self._refuse(key, getattr(self, key), "an int or one int per block")
+        if len(set(self._cross_dims())) != 1:  # one encoder_hidden_states feeds every block's attn2
+            self._refuse("cross_attention_dim", self.cross_attention_dim, "one value for all blocks")
+        if self.num_attention_heads is not None:
+            self._for_blocks("num_attention_heads")
+
+    # ------------------------------------------------------------------ config, resolved per block
+    def _for_blocks(self, key: str, value=None) -> tuple:
+        """Config key `key` (or `value` read under that name) for every block; errors name this model's class."""
+        value = getattr(self, key) if value is None else value
+        return _per_block(value, len(self.block_out_channels), key, type(self).__name__)
+
+    def _heads(self) -> tuple:
+        # diffusers' naming quirk: without num_attention_heads, `attention_head_dim` is the head *count*.
+        return self._for_blocks("num_attention_heads", self.num_attention_heads or self.attention_head_dim)
+
+    def _cross_dims(self) -> tuple:
+        return self._for_blocks("cross_attention_dim")
+
+    def _time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    def skip_channels(self) -> tuple[int, ...]:
+        """Channels of the down path's skips in order (conv_in's output, then every resnet/attention output and
+        downsample of every block): what the up path consumes and what a ControlNet's residuals must match."""
+        boc = self.block_out_channels
+        layers = self._for_blocks("layers_per_block")
+        out = [boc[0]]
+        for i, c in enumerate(boc):
+            out += [c] * (layers[i] + (i < len(boc) - 1))
+        return tuple(out)
+
+    # ------------------------------------------------------------------ forward pieces (NHWC)
+    def _time_embedding(self, timesteps, batch: int):
+        """Timesteps (scalar or [B], int or float) -> [batch, time_embed_dim]: sinusoids in float32, then the MLP."""
+        timesteps = jnp.asarray(timesteps)
+        timesteps = jnp.broadcast_to(timesteps.reshape(-1) if timesteps.ndim else timesteps, (batch,))
+        t_emb = get_timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
+        return TimestepEmbedding(self._time_embed_dim(), dtype=self.dtype, name="time_embedding")(t_emb)
+
+    def _down(self, x, emb, context):
+        """conv_in's output -> (lowest-resolution features, skips): every resnet/attention output and every
+        downsample is a skip for the up path (and gets a ControlNet residual)."""
+        n = len(self.block_out_channels)
+        boc, heads, cross_dims = self.block_out_channels, self._heads(), self._cross_dims()
+        layers = self._for_blocks("layers_per_block")
+        tlayers = self._for_blocks("transformer_layers_per_block")
+        skips = [x]
+        for i, block_type in enumerate(self.down_block_types):
+            common = dict(in_channels=boc[max(i - 1, 0)], out_channels=boc[i], temb_channels=self._time_embed_dim(),
+                          num_layers=layers[i], resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups,
+                          add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
+                          attention_kernel=self.attention_kernel, conv_kernel=self.conv_kernel, dtype=self.dtype,
+                          name=f"down_blocks_{i}")
+            if block_type == "CrossAttnDownBlock2D":
+                x, block_skips = CrossAttnDownBlock2D(
+                    **common, transformer_layers_per_block=tlayers[i], num_attention_heads=heads[i],
+                    cross_attention_dim=cross_dims[i], use_linear_projection=self.use_linear_projection,
+                    upcast_attention=self.upcast_attention)(x, emb, context)
+            else:
+                x, block_skips = DownBlock2D(**common)(x, emb)
+            skips += block_skips
+        return x, skips
+
+    def _mid(self, x, emb, context):
+        if self.mid_block_type is None:
+            return x
+        tlayers = self._for_blocks("transformer_layers_per_block")
+        return UNetMidBlock2DCrossAttn(
+            self.block_out_channels[-1], self._time_embed_dim(), transformer_layers_per_block=tlayers[-1],
+            resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups, num_attention_heads=self._heads()[-1],
+            output_scale_factor=self.mid_block_scale_factor, cross_attention_dim=self._cross_dims()[-1],
+            use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+            attention_kernel=self.attention_kernel, conv_kernel=self.conv_kernel, dtype=self.dtype,
+            name="mid_block")(x, emb, context)
+
+
+class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
     # Field names and defaults are diffusers' config keys (UNet2DConditionModel.__init__).
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4
@@ -139,44 +267,11 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
         self._check_runtime()
 
     def _check_config(self):
-        def refuse(key, value, supported):
-            raise ConfigError(f"UNet2DConditionModel: config key {key!r} = {value!r} is not supported "
-                              f"(supported: {supported})")
+        self._check_encoder_config()
+        self._check_block_types("up_block_types", UP_BLOCK_TYPES)
 
-        for key, allowed in self._config_supported.items():
-            value = getattr(self, key)
-            if value not in allowed:
-                refuse(key, value, ", ".join(repr(a) for a in allowed))
-        n = len(self.block_out_channels)
-        for key, types in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            value = tuple(getattr(self, key))
-            if len(value) != n:
-                raise ConfigError(f"UNet2DConditionModel: config key {key!r} = {value!r} needs one entry "
-                                  f"per block_out_channels ({n})")
-            for t in value:
-                if t not in types:
-                    refuse(key, value, f"tuples of {', '.join(types)}")
-        if any(_per_block(self.only_cross_attention, n, "only_cross_attention")):
-            refuse("only_cross_attention", self.only_cross_attention, "False")
-        if self.norm_num_groups is None:
-            refuse("norm_num_groups", None, "an int")
-        for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim", "transformer_layers_per_block"):
-            for v in _per_block(getattr(self, key), n, key):
-                if not isinstance(v, int):  # e.g. SDXL-style nested transformer_layers_per_block
-                    refuse(key, getattr(self, key), "an int or one int per block")
-        if len(set(self._cross_dims())) != 1:  # one encoder_hidden_states feeds every block's attn2
-            refuse("cross_attention_dim", self.cross_attention_dim, "one value for all blocks")
-        if self.num_attention_heads is not None:
-            _per_block(self.num_attention_heads, n, "num_attention_heads")
-
-    # ------------------------------------------------------------------ config, resolved per block
-    def _heads(self) -> tuple:
-        # diffusers' naming quirk: without num_attention_heads, `attention_head_dim` is the head *count*.
-        return _per_block(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels),
-                          "num_attention_heads")
-
-    def _cross_dims(self) -> tuple:
-        return _per_block(self.cross_attention_dim, len(self.block_out_channels), "cross_attention_dim")
+    def _time_embed_dim(self) -> int:
+        return self.time_embedding_dim or self.block_out_channels[0] * 4
 
     def dummy_inputs(self) -> tuple:
         """Smallest inputs that reach every layer (one downsample per level): for `init` / eval_shape."""
@@ -188,11 +283,21 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
 
     # ------------------------------------------------------------------ forward
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False):
+    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample [B, C, H, W], timesteps scalar or [B] (int or float), encoder_hidden_states [B, L, D]
-        -> noise prediction [B, out_channels, H, W] in sample's dtype."""
+        -> noise prediction [B, out_channels, H, W] in sample's dtype.
+
+        down_block_additional_residuals (one NCHW array per skip, `skip_channels()`) and
+        mid_block_additional_residual (NCHW): a ControlNet's output, added as diffusers adds them, to the down
+        path's skips and to the mid block's output. Both or neither (diffusers would silently ignore a lone mid
+        residual and read lone down residuals as a T2I-Adapter's).
+        """
         if train and self.dropout > 0:
             raise NotImplementedError("UNet2DConditionModel: dropout > 0 in training is not implemented")
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ConfigError("UNet2DConditionModel: pass both down_block_additional_residuals and "
+                              "mid_block_additional_residual (a ControlNet's output), or neither")
         n = len(self.block_out_channels)
         boc = self.block_out_channels
         heads, cross_dims = self._heads(), self._cross_dims()
@@ -200,12 +305,9 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
         tlayers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         out_dtype = sample.dtype
 
-        # 1. time: sinusoids in float32, then the MLP.
-        timesteps = jnp.asarray(timesteps)
-        timesteps = jnp.broadcast_to(timesteps.reshape(-1) if timesteps.ndim else timesteps, (sample.shape[0],))
-        t_emb = get_timestep_embedding(timesteps, boc[0], self.flip_sin_to_cos, self.freq_shift)
-        time_embed_dim = self.time_embedding_dim or boc[0] * 4
-        emb = TimestepEmbedding(time_embed_dim, dtype=self.dtype, name="time_embedding")(t_emb)
+        # 1. time
+        time_embed_dim = self._time_embed_dim()
+        emb = self._time_embedding(timesteps, sample.shape[0])
 
         # 2. pre-process
         x = jnp.transpose(sample, (0, 2, 3, 1))  # NCHW -> NHWC
@@ -216,30 +318,21 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin):
                  conv_kernel=self.conv_kernel)(x)
         context = encoder_hidden_states
 
-        # 3. down: every resnet/attention output and every downsample is a skip for the up path.
-        skips = [x]
-        for i, block_type in enumerate(self.down_block_types):
-            common = dict(in_channels=boc[max(i - 1, 0)], out_channels=boc[i], temb_channels=time_embed_dim,
-                          num_layers=layers[i], resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups,
-                          add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
-                          dtype=self.dtype, name=f"down_blocks_{i}", **kernels)
-            if block_type == "CrossAttnDownBlock2D":
-                x, block_skips = CrossAttnDownBlock2D(
-                    **common, transformer_layers_per_block=tlayers[i], num_attention_heads=heads[i],
-                    cross_attention_dim=cross_dims[i], use_linear_projection=self.use_linear_projection,
-                    upcast_attention=self.upcast_attention)(x, emb, context)
-            else:
-                x, block_skips = DownBlock2D(**common)(x, emb)
-            skips += block_skips
+        # 3. down
+        x, skips = self._down(x, emb, context)
+        if down_block_additional_residuals is not None:
+            residuals = list(down_block_additional_residuals)
+            if len(residuals) != len(skips):
+                raise ConfigError(f"UNet2DConditionModel: down_block_additional_residuals has {len(residuals)} "
+                                  f"arrays, the UNet has {len(skips)} skips (conv_in, every resnet/attention, every "
+                                  f"downsample; channels {self.skip_channels()})")
+            skips = [_add_residual(s, r, f"down_block_additional_residuals[{i}]")
+                     for i, (s, r) in enumerate(zip(skips, residuals))]
 
         # 4. mid
-        if self.mid_block_type is not None:
-            x = UNetMidBlock2DCrossAttn(
-                boc[-1], time_embed_dim, transformer_layers_per_block=tlayers[-1], resnet_eps=self.norm_eps,
-                resnet_groups=self.norm_num_groups, num_attention_heads=heads[-1],
-                output_scale_factor=self.mid_block_scale_factor, cross_attention_dim=cross_dims[-1],
-                use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
-                dtype=self.dtype, name="mid_block", **kernels)(x, emb, context)
+        x = self._mid(x, emb, context)
+        if mid_block_additional_residual is not None:
+            x = _add_residual(x, mid_block_additional_residual, "mid_block_additional_residual")
 
         # 5. up, widths reversed. Each up block has one more resnet than its down block (it also eats the
         # downsample's skip). Upsampling targets the size of the next skip, so odd latent sizes work.
