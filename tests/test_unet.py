@@ -183,12 +183,13 @@ def test_attention_probs_sown_only_when_asked():
         np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
 
 
-def test_sdxl_like_config_is_refused():
-    cfg = dict(CONFIGS["sd1_like"][0], addition_embed_type="text_time", addition_time_embed_dim=256,
+def test_unsupported_configs_are_refused():
+    # SDXL's "text_time" is implemented (tests/test_unet_sdxl.py); the other addition embeddings are not.
+    cfg = dict(CONFIGS["sd1_like"][0], addition_embed_type="text_image", addition_time_embed_dim=256,
                projection_class_embeddings_input_dim=2816)
     with pytest.raises(ConfigError, match="addition_embed_type"):
         UNet2DConditionModel.from_config(cfg)
-    # Per-block lists are checked on construction too.
+    # Per-block lists are checked on construction too (nested lists: asymmetric UNets such as SSD-1B).
     with pytest.raises(ConfigError, match="transformer_layers_per_block"):
         UNet2DConditionModel.from_config(dict(CONFIGS["sd1_like"][0], transformer_layers_per_block=[[1, 2], [1, 2]]))
     with pytest.raises(ConfigError, match="down_block_types"):

@@ -12,6 +12,18 @@ Param names are transformers' PyTorch names without the `text_model.` prefix, li
 `text_model.encoder.layers.3.self_attn.q_proj.weight` <-> `encoder/layers_3/self_attn/q_proj/kernel`.
 Checkpoints with (transformers 4.x, every SD repo) and without (transformers 5 `save_pretrained`) the
 prefix both load; `save_pretrained` writes it, which transformers 4 and 5 both load.
+
+`CLIPTextModelWithProjection` (SDXL's `text_encoder_2`, OpenCLIP ViT-bigG: 1280 wide, 32 layers, gelu) is the
+same text transformer as a `text_model` submodule plus `text_projection`, a Linear without bias:
+
+    text_encoder_2, params = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+    out = text_encoder_2.apply({"params": params}, input_ids, output_hidden_states=True)
+    out.text_embeds         # [B, projection_dim]: text_projection(pooled EOS state), SDXL's pooled embedding
+    out.hidden_states[-2]   # [B, 77, D], the penultimate layer's output: SDXL's conditioning
+
+Its params keep the `text_model` level (`text_model/encoder/layers_3/...`, `text_projection/kernel`): both
+transformers 4 (text_model = CLIPTextTransformer) and 5 (text_model = CLIPTextModel) save it as
+`text_model.*` + `text_projection.weight`, so loading and saving need no renames.
 """
 
 from __future__ import annotations
@@ -147,8 +159,23 @@ class CLIPEncoder(nn.Module):
         return x, tuple(states)
 
 
-class CLIPTextModel(nn.Module, FlaxModelMixin):
-    """transformers' `CLIPTextModel`. Fields are `CLIPTextConfig`'s keys with its defaults, plus `dtype`."""
+@struct.dataclass
+class CLIPTextModelWithProjectionOutput:
+    """transformers' `CLIPTextModelOutput` (without attentions), as a pytree.
+
+    text_embeds: [B, projection_dim], text_projection of the EOS state (the pooler output).
+    last_hidden_state: [B, L, D], after final_layer_norm.
+    hidden_states: None, or (embeddings output, layer 1 output, ..., layer N output) as in CLIPTextModelOutput.
+    """
+
+    text_embeds: jax.Array
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class _CLIPTextConfigModule(nn.Module, FlaxModelMixin):
+    """The fields and checks both text models share. Fields are `CLIPTextConfig`'s keys with its defaults,
+    plus `attention_kernel` and `dtype`."""
 
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -176,19 +203,16 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
         "hidden_act": tuple(ACTIVATIONS),
         "dropout": (0.0, 0, None),  # transformers 4.x wrote this key; the text model never used it
     }
-    # transformers 4.x (every SD repo on the hub) prefixes keys with `text_model.`; transformers 5 does not.
-    _key_renames: ClassVar[tuple] = ((r"^text_model\.", ""),)
     _ignored_keys: ClassVar[tuple] = (r"(^|\.)embeddings\.position_ids$",)  # a buffer: arange(77)
-    # Saved with the prefix: transformers 4 needs it, transformers 5 strips it on load (PrefixChange).
-    _save_prefix: ClassVar[str] = "text_model."
 
     def __post_init__(self):
+        name = type(self).__name__
         if isinstance(self.eos_token_id, (list, tuple)):
-            raise ConfigError(f"CLIPTextModel: config key 'eos_token_id' = {list(self.eos_token_id)!r} is not "
+            raise ConfigError(f"{name}: config key 'eos_token_id' = {list(self.eos_token_id)!r} is not "
                               "supported (supported: a single token id)")
         self._check_types()
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"CLIPTextModel: hidden_size {self.hidden_size} is not a multiple of "
+            raise ConfigError(f"{name}: hidden_size {self.hidden_size} is not a multiple of "
                               f"num_attention_heads {self.num_attention_heads}")
         super().__post_init__()
         self._check_runtime()
@@ -199,6 +223,15 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
 
     def dummy_inputs(self) -> tuple:
         return (jnp.zeros((1, self.max_position_embeddings), jnp.int32),)
+
+
+class CLIPTextModel(_CLIPTextConfigModule):
+    """transformers' `CLIPTextModel`. Fields are `CLIPTextConfig`'s keys with its defaults, plus `dtype`."""
+
+    # transformers 4.x (every SD repo on the hub) prefixes keys with `text_model.`; transformers 5 does not.
+    _key_renames: ClassVar[tuple] = ((r"^text_model\.", ""),)
+    # Saved with the prefix: transformers 4 needs it, transformers 5 strips it on load (PrefixChange).
+    _save_prefix: ClassVar[str] = "text_model."
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False,
@@ -235,3 +268,25 @@ class CLIPTextModel(nn.Module, FlaxModelMixin):
         pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]
         return CLIPTextModelOutput(last_hidden_state=last, pooler_output=pooled,
                                    hidden_states=states if output_hidden_states else None)
+
+
+class CLIPTextModelWithProjection(_CLIPTextConfigModule):
+    """transformers' `CLIPTextModelWithProjection`: `text_model` (a CLIPTextModel) + `text_projection`
+    (Linear hidden_size -> projection_dim, no bias) on its pooled EOS state. Same config keys as CLIPTextModel."""
+
+    def __post_init__(self):
+        if self.projection_dim is None:  # CLIPTextModel ignores it; here it is text_projection's width
+            raise ConfigError("CLIPTextModelWithProjection: config key 'projection_dim' = None: expected an int "
+                              "(the width of text_projection)")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False,
+                 train: bool = False) -> CLIPTextModelWithProjectionOutput:
+        """input_ids [B, L], attention_mask [B, L] or None, as CLIPTextModel."""
+        out = CLIPTextModel(**self.config, attention_kernel=self.attention_kernel, dtype=self.dtype,
+                            name="text_model")(input_ids, attention_mask, output_hidden_states, train)
+        text_embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                               name="text_projection")(out.pooler_output)
+        return CLIPTextModelWithProjectionOutput(text_embeds=text_embeds, last_hidden_state=out.last_hidden_state,
+                                                 hidden_states=out.hidden_states)

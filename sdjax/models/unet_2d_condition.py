@@ -1,7 +1,10 @@
-"""diffusers' `UNet2DConditionModel` (SD 1.x / 2.x and any smaller config of the same family) in Flax Linen.
+"""diffusers' `UNet2DConditionModel` (SD 1.x / 2.x / SDXL and any smaller config of the same family) in Flax Linen.
 
     unet, params = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     eps = unet.apply({"params": params}, latents_nchw, t, text_embeddings)
+    # SDXL (addition_embed_type="text_time"): the pooled text embedding and the size/crop conditioning
+    eps = unet.apply({"params": params}, latents_nchw, t, text_embeddings,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})  # [B, D], [B, n]
 
 Inputs and output are NCHW like diffusers; the network runs in NHWC (what XLA's convolutions want).
 Cross-attention maps: `unet.apply(..., mutable=["attention_probs"])` returns (eps, {"attention_probs": ...}).
@@ -196,7 +199,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     num_class_embeds: int | None = None
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # SDXL base's config.json has null (= False, as in diffusers)
     resnet_time_scale_shift: str = "default"
     resnet_skip_time_act: bool = False  # only read by block types sdjax does not have
     resnet_out_scale_factor: float = 1.0  # idem
@@ -207,7 +210,9 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
     time_cond_proj_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    projection_class_embeddings_input_dim: int | None = None  # only read with class_embed_type="projection"
+    # Width of add_embedding's input with addition_embed_type="text_time": text_embeds' width plus
+    # addition_time_embed_dim per time id (SDXL base: 1280 + 6 * 256 = 2816; refiner: 1280 + 5 * 256 = 2560).
+    projection_class_embeddings_input_dim: int | None = None
     attention_type: str = "default"
     class_embeddings_concat: bool = False
     mid_block_only_cross_attention: bool | None = None
@@ -218,7 +223,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
     conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
-    # Options whose non-default values (SDXL's add embeddings, class labels, GLIGEN, ...) are not implemented.
+    # Options whose non-default values (class labels, GLIGEN, other addition embeddings, ...) are not implemented.
     # Checked by FlaxModelMixin.from_config and again on construction (_check_config).
     _config_supported: ClassVar[dict] = {
         "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
@@ -228,7 +233,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         "encoder_hid_dim": (None,),
         "encoder_hid_dim_type": (None,),
         "class_embed_type": (None,),
-        "addition_embed_type": (None,),
+        "addition_embed_type": (None, "text_time"),  # text_time: SDXL
         "num_class_embeds": (None,),
         "resnet_time_scale_shift": ("default",),
         "time_embedding_type": ("positional",),
@@ -270,6 +275,18 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         self._check_encoder_config()
         self._check_block_types("up_block_types", UP_BLOCK_TYPES)
 
+        if self.addition_embed_type == "text_time":
+            # diffusers builds add_time_proj / add_embedding from these two; without them it fails obscurely.
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if getattr(self, key) is None:
+                    raise ConfigError(f"UNet2DConditionModel: addition_embed_type 'text_time' needs config key "
+                                      f"{key!r} (got None)")
+            if self.projection_class_embeddings_input_dim < self.addition_time_embed_dim:
+                raise ConfigError(
+                    f"UNet2DConditionModel: projection_class_embeddings_input_dim "
+                    f"{self.projection_class_embeddings_input_dim} is smaller than addition_time_embed_dim "
+                    f"{self.addition_time_embed_dim}: it is text_embeds' width + addition_time_embed_dim per time id")
+
     def _time_embed_dim(self) -> int:
         return self.time_embedding_dim or self.block_out_channels[0] * 4
 
@@ -279,15 +296,49 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         sample = jnp.zeros((1, self.in_channels, size, size), jnp.float32)
         timesteps = jnp.zeros((1,), jnp.int32)
         encoder_hidden_states = jnp.zeros((1, 1, self._cross_dims()[0]), jnp.float32)
-        return sample, timesteps, encoder_hidden_states
+        if self.addition_embed_type != "text_time":
+            return sample, timesteps, encoder_hidden_states
+        # One time id; text_embeds take the rest of add_embedding's input width.
+        text_width = self.projection_class_embeddings_input_dim - self.addition_time_embed_dim
+        added_cond_kwargs = {"text_embeds": jnp.zeros((1, text_width), jnp.float32),
+                             "time_ids": jnp.zeros((1, 1), jnp.float32)}
+        return sample, timesteps, encoder_hidden_states, added_cond_kwargs
+
+    def _text_time_embedding(self, added_cond_kwargs, batch: int, time_embed_dim: int):
+        """SDXL's addition to the time embedding: the sinusoids of each time id (original size, crop, target
+        size or aesthetic score), flattened per sample and concatenated after text_embeds, through
+        add_embedding (diffusers' `get_aug_embed`, "text_time"). Called from __call__'s compact scope."""
+        missing = [k for k in ("text_embeds", "time_ids") if k not in (added_cond_kwargs or {})]
+        if missing:
+            raise ConfigError(
+                "UNet2DConditionModel: addition_embed_type 'text_time' (SDXL) needs added_cond_kwargs="
+                "{'text_embeds': [B, D], 'time_ids': [B, n]}; missing: " + ", ".join(repr(k) for k in missing))
+        text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
+        time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+        # diffusers flattens time_ids and reshapes their sinusoids to [B, -1]: n ids per sample.
+        n_ids = time_ids.size // batch
+        width = text_embeds.shape[-1] + n_ids * self.addition_time_embed_dim if text_embeds.ndim == 2 else None
+        if (text_embeds.shape[:1] != (batch,) or time_ids.size != n_ids * batch
+                or width != self.projection_class_embeddings_input_dim):
+            raise ConfigError(
+                f"UNet2DConditionModel: added_cond_kwargs text_embeds {tuple(text_embeds.shape)} and time_ids "
+                f"{tuple(time_ids.shape)} for a batch of {batch} give add_embedding an input of width {width} "
+                f"(text width + time ids * addition_time_embed_dim {self.addition_time_embed_dim}); the config "
+                f"says projection_class_embeddings_input_dim = {self.projection_class_embeddings_input_dim}")
+        time_embeds = get_timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
+                                             self.flip_sin_to_cos, self.freq_shift)  # add_time_proj (no params)
+        add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
+        return TimestepEmbedding(time_embed_dim, dtype=self.dtype, name="add_embedding")(add_embeds)
 
     # ------------------------------------------------------------------ forward
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False,
-                 down_block_additional_residuals=None, mid_block_additional_residual=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs: dict | None = None,
+                 train: bool = False, down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample [B, C, H, W], timesteps scalar or [B] (int or float), encoder_hidden_states [B, L, D]
         -> noise prediction [B, out_channels, H, W] in sample's dtype.
 
+        added_cond_kwargs {"text_embeds": [B, D'], "time_ids": [B, n]}: SDXL's micro-conditioning (only read, and
+        required, with addition_embed_type "text_time"; ignored otherwise, as in diffusers).
         down_block_additional_residuals (one NCHW array per skip, `skip_channels()`) and
         mid_block_additional_residual (NCHW): a ControlNet's output, added as diffusers adds them, to the down
         path's skips and to the mid block's output. Both or neither (diffusers would silently ignore a lone mid
@@ -305,9 +356,11 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         tlayers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         out_dtype = sample.dtype
 
-        # 1. time
+        # 1. time (+ SDXL's text and size embedding)
         time_embed_dim = self._time_embed_dim()
         emb = self._time_embedding(timesteps, sample.shape[0])
+        if self.addition_embed_type == "text_time":
+            emb = emb + self._text_time_embedding(added_cond_kwargs, sample.shape[0], time_embed_dim)
 
         # 2. pre-process
         x = jnp.transpose(sample, (0, 2, 3, 1))  # NCHW -> NHWC

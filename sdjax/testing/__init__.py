@@ -4,7 +4,10 @@ These import torch, diffusers and transformers (the `test` extra) when called; s
 this package.
 """
 
-from .reference import perturb_, rel_err
-from .tiny import TEXT, UNET, VAE, WORDS, build_tiny_pipeline, write_tiny_tokenizer
+from .reference import perturb_, rel_err, torch_named_shapes
+from .tiny import (SDXL_REFINER_UNET, SDXL_UNET, TEXT, TEXT_2, UNET, VAE, WORDS, build_tiny_pipeline,
+                   build_tiny_sdxl_pipeline, build_tiny_sdxl_refiner, write_tiny_tokenizer)
 
-__all__ = ["build_tiny_pipeline", "write_tiny_tokenizer", "perturb_", "rel_err", "UNET", "VAE", "TEXT", "WORDS"]
+__all__ = ["build_tiny_pipeline", "build_tiny_sdxl_pipeline", "build_tiny_sdxl_refiner", "write_tiny_tokenizer",
+           "perturb_", "rel_err", "torch_named_shapes", "UNET", "VAE", "TEXT", "TEXT_2", "SDXL_UNET",
+           "SDXL_REFINER_UNET", "WORDS"]

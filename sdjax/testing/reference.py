@@ -19,3 +19,17 @@ def perturb_(torch_model, seed: int = 0, scale: float = 0.05):
         for p in torch_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return torch_model
+
+
+def torch_named_shapes(param_shapes, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """A params tree (arrays or `jax.eval_shape` structs) -> {PyTorch key: PyTorch shape}, by the same rules
+    `save_pretrained` writes with, without allocating anything: to compare a model's parameter names and
+    shapes with a reference built on torch's meta device."""
+    from ..convert import _rule_for_flax_leaf, flat_params, path_to_torch_key
+
+    out = {}
+    for path, leaf in flat_params(param_shapes).items():
+        rule = _rule_for_flax_leaf(path[-1], len(leaf.shape))
+        view = np.broadcast_to(np.zeros((), np.uint8), leaf.shape)  # no memory: the layout change is a view
+        out[f"{prefix}{path_to_torch_key(path[:-1])}.{rule.torch_leaf}"] = tuple(rule.to_torch(view).shape)
+    return out
