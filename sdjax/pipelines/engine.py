@@ -16,7 +16,9 @@ everything else (prompts, guidance, strength, noise, images) is traced and never
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -35,14 +37,29 @@ class Settings:
     output_attentions: bool = False
 
 
-def denoise(scheduler, state, latents, model_fn, key, *, start=0, post_step=None, return_trajectory=True):
-    """Run the scheduler's model calls `start` .. N-1 on `latents` in one `lax.scan`.
+@flax.struct.dataclass
+class Conditioning:
+    """What a pipeline's `condition` hook gives the engine (all traced): the latents the first call sees, the
+    first call to run (`start`, image-to-image) and the first not to run (`end`, SDXL's denoising_end),
+    channels concatenated to the UNet's input, more UNet arguments per step, and a post-step hook."""
+
+    latents: jax.Array
+    start: jax.Array | int = 0
+    end: jax.Array | None = None
+    extra_channels: jax.Array | None = None
+    unet_inputs: Callable | None = flax.struct.field(pytree_node=False, default=None)
+    post_step: Callable | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def denoise(scheduler, state, latents, model_fn, key, *, start=0, end=None, post_step=None, return_trajectory=True):
+    """Run the scheduler's model calls `start` .. `end` - 1 (default: all N) on `latents` in one `lax.scan`.
 
     scheduler, state: an sdjax scheduler and its `set_timesteps` state.
     model_fn(state, sample, i) -> (model_output, extras): the prediction at call i (extras: a pytree or None).
     key: the sampler's own randomness (ancestral steps); call i uses fold_in(key, i).
     start: the first call to run (image-to-image); a traced int costs only the calls it runs (the others are
         skipped by `lax.cond`), so changing it does not recompile. A Python 0 compiles no condition at all.
+    end: the first call not to run (None: all); traced like `start`.
     post_step(sample, x0, i) -> sample: applied after each scheduler step (inpainting puts the known region back).
     Returns (final sample, Trajectory or None, first_nonfinite): the trajectory has all N calls (entries before
     `start` hold the unchanged sample and zeros; `Trajectory.steps(start)` cuts them off); first_nonfinite is
@@ -64,10 +81,14 @@ def denoise(scheduler, state, latents, model_fn, key, *, start=0, post_step=None
         _, x0, extras = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, carry, i)[1])
         return carry, (carry[1], x0, extras)
 
-    always = not isinstance(start, jax.Array) and int(start) == 0
+    always = not isinstance(start, jax.Array) and int(start) == 0 and end is None
 
     def step(carry, i):
-        new, ys = run(carry, i) if always else jax.lax.cond(i >= start, run, skipped, carry, i)
+        if always:
+            new, ys = run(carry, i)
+        else:
+            active = i >= start if end is None else (i >= start) & (i < end)
+            new, ys = jax.lax.cond(active, run, skipped, carry, i)
         return new, ys if return_trajectory else None
 
     (_, final, first_bad), ys = jax.lax.scan(step, (state, latents, jnp.int32(-1)), jnp.arange(n))

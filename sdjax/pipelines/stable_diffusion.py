@@ -32,7 +32,7 @@ from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers import get_scheduler, load_scheduler_config
 from ..tokenizer import load_tokenizer
 from .base import DiffusionPipeline, check_components, open_pipeline_folder, runtime_for, weight_patterns
-from .engine import Settings, denoise
+from .engine import Conditioning, Settings, denoise
 
 
 class FlaxStableDiffusionPipeline(DiffusionPipeline):
@@ -158,41 +158,64 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         """[uncond; cond] text embeddings: one UNet call serves both halves of classifier-free guidance."""
         return jnp.concatenate([self.encode_prompt(params, neg_prompt_ids), self.encode_prompt(params, prompt_ids)])
 
-    def unet_output(self, params, sample, timestep, context, output_attentions: bool = False):
-        """The UNet on [2B, C, h, w] at one timestep -> (prediction, cross-attention maps [B, h, w, L] or None)."""
+    def unet_output(self, params, sample, timestep, context, output_attentions: bool = False, **unet_kwargs):
+        """The UNet on [2B, C, h, w] at one timestep -> (prediction, cross-attention maps [B, h, w, L] or None).
+        unet_kwargs: what a pipeline adds to the UNet call (SDXL's added_cond_kwargs, a ControlNet's residuals)."""
         variables = {"params": params["unet"]}
         t = jnp.broadcast_to(timestep, (sample.shape[0],))
         x = sample.astype(self.dtype)
         if not output_attentions:
-            return self.unet.apply(variables, x, t, context), None
-        out, col = self.unet.apply(variables, x, t, context, mutable=[ATTENTION_PROBS])
+            return self.unet.apply(variables, x, t, context, **unet_kwargs), None
+        out, col = self.unet.apply(variables, x, t, context, mutable=[ATTENTION_PROBS], **unet_kwargs)
         return out, _token_maps(col[ATTENTION_PROBS], sample.shape[2:], sample.shape[0] // 2)
 
-    def guided_model(self, params, context, guidance_scale, output_attentions: bool = False):
-        """The engine's model_fn for text guidance: scaled input, UNet on [uncond; cond], classifier-free guidance."""
+    def guided_model(self, params, context, guidance_scale, output_attentions: bool = False, extra_channels=None,
+                     unet_inputs=None):
+        """The engine's model_fn for text guidance: scaled input, UNet on [uncond; cond], classifier-free guidance.
+
+        extra_channels [B, c, h, w]: concatenated to the scaled latents on the channel axis (an inpainting
+            UNet's mask and masked-image latents, an upscaler's low-resolution image), for both halves.
+        unet_inputs(x, t, i) -> dict: more UNet arguments for the call at step i on input x (both halves), e.g. a
+            ControlNet's residuals or SDXL's added_cond_kwargs.
+        """
         sched = self.scheduler
 
         def model_fn(state, sample, i):
             x = sched.scale_model_input(state, jnp.concatenate([sample] * 2), i)
-            out, maps = self.unet_output(params, x, state.timesteps[i], context, output_attentions)
+            if extra_channels is not None:
+                x = jnp.concatenate([x, jnp.concatenate([extra_channels] * 2).astype(x.dtype)], axis=1)
+            t = state.timesteps[i]
+            kwargs = unet_inputs(x, t, i) if unet_inputs is not None else {}
+            out, maps = self.unet_output(params, x, t, context, output_attentions, **kwargs)
             return classifier_free_guidance(out, guidance_scale), maps
 
         return model_fn
 
+    def condition(self, settings: Settings, inputs: dict, params, state, noise_key) -> Conditioning:
+        """What the denoising starts from and is conditioned on besides the text (traced). Text-to-image: noise
+        (or the given latents) at the first step's noise level; subclasses add images, masks, controls."""
+        shape = self.latent_shape(inputs["prompt_ids"].shape[0], settings.height, settings.width)
+        latents = inputs.get("latents")
+        if latents is None:
+            latents = jax.random.normal(noise_key, shape, dtype=jnp.float32)
+        return Conditioning(latents=latents.astype(jnp.float32) * self.scheduler.init_noise_sigma(state))
+
     def generate(self, settings: Settings, inputs: dict, params, key):
-        """Traced: inputs {prompt_ids, neg_prompt_ids, guidance_scale [B], latents (optional)}
-        -> (images, trajectory, diagnostics)."""
+        """Traced: inputs {prompt_ids, neg_prompt_ids, guidance_scale [B], ...} -> (images, trajectory, diagnostics).
+
+        The one data flow of every pipeline: text -> `condition` (starting latents, first step, extra UNet
+        inputs) -> `engine.denoise` -> VAE decode."""
         prompt_ids = inputs["prompt_ids"]
         context = self.text_context(params, prompt_ids, inputs["neg_prompt_ids"])
         shape = self.latent_shape(prompt_ids.shape[0], settings.height, settings.width)
         state = self.scheduler.set_timesteps(settings.num_inference_steps, shape)
         noise_key, loop_key = jax.random.split(key)
-        latents = inputs.get("latents")
-        if latents is None:
-            latents = jax.random.normal(noise_key, shape, dtype=jnp.float32)
-        latents = latents.astype(jnp.float32) * self.scheduler.init_noise_sigma(state)
-        model_fn = self.guided_model(params, context, inputs["guidance_scale"], settings.output_attentions)
-        final, trajectory, first_nonfinite = denoise(self.scheduler, state, latents, model_fn, loop_key,
+        cond = self.condition(settings, inputs, params, state, noise_key)
+        state = self.scheduler.begin_at(state, cond.start)
+        model_fn = self.guided_model(params, context, inputs["guidance_scale"], settings.output_attentions,
+                                     extra_channels=cond.extra_channels, unet_inputs=cond.unet_inputs)
+        final, trajectory, first_nonfinite = denoise(self.scheduler, state, cond.latents, model_fn, loop_key,
+                                                     start=cond.start, end=cond.end, post_step=cond.post_step,
                                                      return_trajectory=settings.return_trajectory)
         images, images_finite = self.decode_to_images(params["vae"], final)
         return images, trajectory, {"first_nonfinite": first_nonfinite, "images_finite": images_finite}

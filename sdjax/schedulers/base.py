@@ -320,6 +320,8 @@ class Scheduler:
     stochastic: ClassVar[bool] = False
     #: True for methods whose samples live in sigma space (x0 + sigma * eps), False for alpha space.
     sigma_space: ClassVar[bool] = False
+    #: model calls per inference step (Heun: 2); image-to-image starts at call `t_start * order`, as diffusers.
+    order: ClassVar[int] = 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -391,6 +393,23 @@ class Scheduler:
                 f"num_inference_steps={n} cannot be larger than num_train_timesteps={self.num_train_timesteps}"
             )
         return n
+
+    # ------------------------------------------------------------------ starting midway (image-to-image)
+    def check_start(self, start: int) -> None:
+        """Refuse a start index this method cannot begin at (override)."""
+
+    def begin_at(self, state, start):
+        """The state for a run whose first model call is `start` (traced): multistep methods begin their
+        history there, as diffusers' schedulers do after `set_begin_index` (history-free methods: unchanged)."""
+        if hasattr(state, "start"):
+            return state.replace(start=jnp.asarray(start, jnp.int32))
+        return state
+
+    def start_index(self, num_inference_steps: int, strength: float) -> int:
+        """The first model call of an image-to-image run: diffusers' `get_timesteps` (init_timestep =
+        min(int(steps * strength), steps), t_start = steps - init_timestep, times the method's order)."""
+        init = min(int(num_inference_steps * strength), num_inference_steps)
+        return max(num_inference_steps - init, 0) * self.order
 
     # ------------------------------------------------------------------ shared API
     def num_model_calls(self, state) -> int:

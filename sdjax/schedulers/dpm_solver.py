@@ -43,6 +43,7 @@ class DPMSolverState:
     coef_d1: jnp.ndarray  # [N] 0.5 alpha_t (exp(-h) - 1) (midpoint) / -alpha_t ((exp(-h)-1)/h + 1) (heun); 0 first order
     inv_r0: jnp.ndarray  # [N] h / h_0 (0 on first-order steps)
     prev_x0: jnp.ndarray  # [*shape] the previous step's converted model output
+    start: jnp.ndarray  # [] int32: the first call run (its step is first order, as diffusers' lower_order_nums)
 
 
 class DPMSolverPP2MScheduler(Scheduler):
@@ -160,6 +161,7 @@ class DPMSolverPP2MScheduler(Scheduler):
             coef_d1=f(coef_d1),
             inv_r0=f(inv_r0),
             prev_x0=jnp.zeros(tuple(shape), dtype),
+            start=jnp.int32(0),
         )
 
     def step(self, state, model_output, step_index, sample, key=None, noise=None):
@@ -178,6 +180,7 @@ class DPMSolverPP2MScheduler(Scheduler):
             x0 = mo
         x0 = clip_or_threshold(x0, self.config)
         m0, m1 = x0, state.prev_x0
-        d1 = take(state.inv_r0, k) * (m0 - m1)
+        second_order = k != state.start  # no earlier output to extrapolate from at the first call run
+        d1 = jnp.where(second_order, take(state.inv_r0, k), 0.0) * (m0 - m1)
         prev = take(state.coef_sample, k) * x - take(state.coef_d0, k) * m0 - take(state.coef_d1, k) * d1
         return state.replace(prev_x0=x0), prev.astype(out_dtype), x0.astype(out_dtype)

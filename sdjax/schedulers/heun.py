@@ -41,6 +41,8 @@ class HeunState:
 
 
 class HeunScheduler(SigmaScheduler):
+    order = 2
+
     name = "heun"
     diffusers_class = "HeunDiscreteScheduler"
     DEFAULTS = dict(

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .base import BETA_SCHEDULES, F32, TIMESTEP_SPACINGS, Scheduler, spacing_error, take
+from .base import BETA_SCHEDULES, F32, TIMESTEP_SPACINGS, ConfigError, Scheduler, spacing_error, take
 from .ddpm import x0_from_alpha_space
 
 # how a call combines model outputs into the one used for the update
@@ -44,9 +44,18 @@ class PNDMState:
     sample_coef: jnp.ndarray  # [C] sqrt(alpha_prev / alpha_t)
     alpha_diff: jnp.ndarray  # [C] alpha_prev - alpha_t
     denom: jnp.ndarray  # [C] alpha_t sqrt(1-alpha_prev) + sqrt(alpha_t (1-alpha_t) alpha_prev)
+    is_prk: jnp.ndarray  # [C] bool: a Runge-Kutta call (its tables above are by call index)
+    # the PLMS update coefficients when the call is the second one of a run (diffusers' counter == 1: it
+    # re-evaluates the first step's target and averages, a Heun-like warm-up)
+    sqrt_alpha_used_2nd: jnp.ndarray  # [C]
+    sqrt_beta_used_2nd: jnp.ndarray  # [C]
+    sample_coef_2nd: jnp.ndarray  # [C]
+    alpha_diff_2nd: jnp.ndarray  # [C]
+    denom_2nd: jnp.ndarray  # [C]
     ets: jnp.ndarray  # [4, *shape] last model outputs, newest first
     cur_sample: jnp.ndarray  # [*shape]
     acc: jnp.ndarray  # [*shape] Runge-Kutta accumulator
+    start: jnp.ndarray  # [] int32: the first call run; PLMS counts its warm-up from there
 
 
 class PNDMScheduler(Scheduler):
@@ -140,16 +149,12 @@ class PNDMScheduler(Scheduler):
                     mode[c] = {2: _PLMS2, 3: _PLMS3, 4: _PLMS4}[n_ets]
 
         ac = self.alphas_cumprod
-        final = F32(1.0) if self.config["set_alpha_to_one"] else ac[0]
-        a_t = ac[t_used]
-        a_prev = np.where(t_prev >= 0, ac[np.maximum(t_prev, 0)], final).astype(F32)
-        beta_t = F32(1.0) - a_t
-        beta_prev = F32(1.0) - a_prev
-        sample_coef = (a_prev / a_t) ** F32(0.5)
-        denom = a_t * beta_prev ** F32(0.5) + (a_t * beta_t * a_prev) ** F32(0.5)
-        a_eval = ac[timesteps]
-
         f = lambda x: jnp.asarray(np.asarray(x, F32))
+        coefs = self._update_coefs(t_used, t_prev)
+        # every PLMS call as the second of a run: t_used = t + ratio, t_prev = t
+        plms = np.arange(C) >= len(prk)
+        coefs_2nd = self._update_coefs(np.where(plms, timesteps + ratio, t_used), np.where(plms, timesteps, t_prev))
+        a_eval = ac[timesteps]
         shape = tuple(shape)
         return PNDMState(
             timesteps=jnp.asarray(timesteps.astype(np.int32)),
@@ -162,15 +167,31 @@ class PNDMScheduler(Scheduler):
             use_stored=jnp.asarray(use_stored),
             acc_keep=f(acc_keep),
             acc_coef=f(acc_coef),
-            sqrt_alpha_used=f(a_t ** F32(0.5)),
-            sqrt_beta_used=f(beta_t ** F32(0.5)),
-            sample_coef=f(sample_coef),
-            alpha_diff=f(a_prev - a_t),
-            denom=f(denom),
+            **{k: f(v) for k, v in coefs.items()},
+            is_prk=jnp.asarray(~plms),
+            **{f"{k}_2nd": f(v) for k, v in coefs_2nd.items()},
             ets=jnp.zeros((4,) + shape, dtype),
             cur_sample=jnp.zeros(shape, dtype),
             acc=jnp.zeros(shape, dtype),
+            start=jnp.int32(0),
         )
+
+    def _update_coefs(self, t_used, t_prev) -> dict:
+        """The update x_prev = sample_coef x - alpha_diff eps / denom from t_used to t_prev (diffusers' _get_prev_sample)."""
+        ac = self.alphas_cumprod
+        final = F32(1.0) if self.config["set_alpha_to_one"] else ac[0]
+        a_t = ac[np.clip(t_used, 0, len(ac) - 1)]
+        a_prev = np.where(t_prev >= 0, ac[np.clip(t_prev, 0, len(ac) - 1)], final).astype(F32)
+        beta_t = F32(1.0) - a_t
+        beta_prev = F32(1.0) - a_prev
+        return dict(sqrt_alpha_used=a_t ** F32(0.5), sqrt_beta_used=beta_t ** F32(0.5),
+                    sample_coef=(a_prev / a_t) ** F32(0.5), alpha_diff=a_prev - a_t,
+                    denom=a_t * beta_prev ** F32(0.5) + (a_t * beta_t * a_prev) ** F32(0.5))
+
+    def check_start(self, start: int) -> None:
+        if start and not self.config["skip_prk_steps"]:
+            raise ConfigError("pndm scheduler: starting midway (image-to-image) needs skip_prk_steps=True (PLMS); "
+                              "its Runge-Kutta warm-up only runs from the first step")
 
     def step(self, state, model_output, step_index, sample, key=None, noise=None):
         out_dtype = sample.dtype
@@ -183,9 +204,20 @@ class PNDMScheduler(Scheduler):
         # x̂0 from this call's own output at its evaluation point
         x0, _ = x0_from_alpha_space(pred, mo, x, take(state.sqrt_alpha_eval, k), take(state.sqrt_beta_eval, k))
 
-        ets = jnp.where(take(state.push, k), jnp.concatenate([mo[None], state.ets[:3]], axis=0), state.ets)
-        cur_sample = jnp.where(take(state.store_sample, k), x, state.cur_sample)
-        x_used = jnp.where(take(state.use_stored, k), cur_sample, x)
+        # Runge-Kutta calls follow their tables; PLMS calls count from the first call run (diffusers' counter)
+        prk = take(state.is_prk, k)
+        c = k - state.start
+        push = jnp.where(prk, take(state.push, k), c != 1)
+        store = jnp.where(prk, take(state.store_sample, k), c == 0)
+        use_stored = jnp.where(prk, take(state.use_stored, k), c == 1)
+        plms_mode = jnp.select([c == 0, c == 1, c == 2, c == 3], [_RAW, _PLMS1, _PLMS2, _PLMS3], _PLMS4)
+        mode = jnp.where(prk, take(state.mode, k), plms_mode)
+        second = ~prk & (c == 1)
+        coef = lambda name: jnp.where(second, take(getattr(state, f"{name}_2nd"), k), take(getattr(state, name), k))
+
+        ets = jnp.where(push, jnp.concatenate([mo[None], state.ets[:3]], axis=0), state.ets)
+        cur_sample = jnp.where(store, x, state.cur_sample)
+        x_used = jnp.where(use_stored, cur_sample, x)
         e1, e2, e3, e4 = ets[0], ets[1], ets[2], ets[3]
         candidates = [
             mo,
@@ -195,12 +227,11 @@ class PNDMScheduler(Scheduler):
             (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4),
             state.acc + 1 / 6 * mo,
         ]
-        mode = take(state.mode, k)
         eps = jnp.select([mode == i for i in range(len(candidates))], candidates)
         acc = take(state.acc_keep, k) * (state.acc + take(state.acc_coef, k) * mo)
 
         if pred == "v_prediction":
-            eps = take(state.sqrt_alpha_used, k) * eps + take(state.sqrt_beta_used, k) * x_used
-        prev = take(state.sample_coef, k) * x_used - take(state.alpha_diff, k) * eps / take(state.denom, k)
+            eps = coef("sqrt_alpha_used") * eps + coef("sqrt_beta_used") * x_used
+        prev = coef("sample_coef") * x_used - coef("alpha_diff") * eps / coef("denom")
         new_state = state.replace(ets=ets, cur_sample=cur_sample, acc=acc)
         return new_state, prev.astype(out_dtype), x0.astype(out_dtype)
