@@ -77,6 +77,15 @@ def _read_images(args, paths: list[str], mode: str = "RGB"):
     return images
 
 
+def _check_size(pipe, args, images, what: str = "--image") -> None:
+    """The input's size must suit the model (before anything runs); --width/--height resize it."""
+    width, height = images[0].size
+    multiple = pipe.size_multiple()
+    if width % multiple or height % multiple:
+        raise SdjaxError(f"{what} is {width}x{height}; this model needs sizes that are multiples of {multiple}: "
+                         f"give --width/--height (e.g. {max(multiple, width // multiple * multiple)}) to resize it")
+
+
 def _start(args, pipeline_cls):
     from ..io import check_output_dir
 
@@ -115,6 +124,7 @@ def cmd_img2img(args) -> None:
 
     images = _read_images(args, [args.image])
     previous, pipe, params, model, steps, guidance = _start(args, FlaxStableDiffusionImg2ImgPipeline)
+    _check_size(pipe, args, images)
     n = args.num_images
     ids, image = pipe.prepare_inputs([args.prompt] * n, images)
     height, width = image.shape[-2:]
@@ -139,6 +149,7 @@ def cmd_inpaint(args) -> None:
         raise SdjaxError(f"--mask is {masks[0].size[0]}x{masks[0].size[1]}, --image {images[0].size[0]}x"
                          f"{images[0].size[1]}: they must have one size")
     previous, pipe, params, model, steps, guidance = _start(args, FlaxStableDiffusionInpaintPipeline)
+    _check_size(pipe, args, images)
     n = args.num_images
     ids, masked, mask = pipe.prepare_inputs([args.prompt] * n, images * n, masks * n)
     height, width = masked.shape[-2:]
@@ -188,6 +199,7 @@ def cmd_merge(args) -> None:
     weight_sets = _weights(args, len(args.image))
     images = _read_images(args, args.image)
     previous, pipe, params, model, steps, guidance = _start(args, FlaxStableDiffusionMergePipeline)
+    _check_size(pipe, args, images)
     n = args.num_images
     ids, stack = pipe.prepare_inputs([args.prompt] * n, images)
     height, width = stack.shape[-2:]
