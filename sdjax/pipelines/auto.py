@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .base import open_pipeline_folder
 from .image_to_image import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionMergePipeline
 from .inpaint import FlaxStableDiffusionInpaintPipeline
@@ -30,3 +31,16 @@ def load_pipeline(pretrained_model_name_or_path, task: str | None = None, revisi
     kwargs go to that class's `from_pretrained` (dtype, scheduler, param_dtype, attention_kernel, ...)."""
     cls = pipeline_class(pretrained_model_name_or_path, task, revision)
     return cls.from_pretrained(pretrained_model_name_or_path, revision=revision, **kwargs)
+
+
+def pipeline_for(pipe, task: str):
+    """The class of `pipe`'s family for `task` ("text2img", "img2img", ...), to rebuild it with `from_pipe` (the same
+    modules and params): an SDXL pipeline gets the SDXL classes; a task its family lacks is a ConfigError."""
+    from .loading import TASKS
+
+    fam = getattr(pipe, "family", "sd")
+    name = TASKS[fam].get(task)
+    if name is None:
+        raise ConfigError(f"{task} is not implemented for {fam.upper()} pipelines (sdjax runs them with: "
+                          f"{', '.join(TASKS[fam].values())})")
+    return CLASSES[name]

@@ -391,7 +391,12 @@ class StableDiffusionXLMixin:
         2.5. Negative ones: the base (StableDiffusionXLPipeline) uses its own only when negative_original_size and
         negative_target_size are both given (else the positive ids); the image-to-image pipeline defaults each to
         its positive one, and without the aesthetic score uses the positive crop. An argument diffusers would
-        ignore is refused here, so that no value is dropped silently."""
+        ignore is refused here, so that no value is dropped silently.
+
+        Every prompt's unconditional half gets the negative ids and its conditional half the positive ones. (diffusers'
+        StableDiffusionXLPipeline builds cat([negative, positive]).repeat(batch), which at batch > 1 with negative
+        ids that differ from the positive ones gives rows 1..B-1 of each half the other half's ids; its img2img
+        pipeline, and sdjax, repeat first. With the default negative ids, or one prompt, the two agree.)"""
         pair = lambda v, name, pos: self._pair(v, name, batch_shape, pos)  # noqa: E731
         size = (height, width)
         given = {k for k, v in dict(target_size=target_size, negative_target_size=negative_target_size,
