@@ -230,6 +230,35 @@ def test_no_recompile_for_traced_conditioning(base):
         assert float(np.abs(np.asarray(o.images) - np.asarray(first.images)).max()) > 1e-4
 
 
+@pytest.mark.slow
+def test_pmap_and_mesh_match_single_device(base):
+    """jit=True (pmap) and a mesh give the single-device result, micro-conditioning and denoising_end included."""
+    from flax.jax_utils import replicate
+    from flax.training.common_utils import shard
+    from jax.sharding import Mesh
+
+    pipe, params = base
+    n_dev = jax.local_device_count()
+    assert n_dev >= 4, "conftest sets 8 host CPU devices"
+    ids = pipe.prepare_inputs((PROMPTS * n_dev)[:n_dev])
+    latents = gaussian(3, n_dev)
+    sizes = [(32 * (1 + i), 32) for i in range(n_dev)]
+    kw = dict(num_inference_steps=4, guidance_scale=GUIDANCE, guidance_rescale=0.5, denoising_end=0.6)
+    single = pipe(ids, params, jax.random.PRNGKey(0), latents=latents, original_size=sizes, **kw)
+
+    rngs = jax.random.split(jax.random.PRNGKey(0), n_dev)
+    pmapped = pipe(shard(ids), replicate(params), rngs, latents=shard(latents),
+                   original_size=np.asarray(sizes).reshape(n_dev, 1, 2), jit=True, **kw)
+    assert pmapped.images.shape == (n_dev, 1, SIZE, SIZE, 3)
+    np.testing.assert_allclose(np.asarray(pmapped.images).reshape(single.images.shape), single.images, atol=1e-5)
+    assert pmapped.trajectory.latents.shape[:3] == (n_dev, single.trajectory.latents.shape[0], 1)
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    meshed = pipe(ids, params, jax.random.PRNGKey(0), latents=latents, original_size=sizes, mesh=mesh, **kw)
+    np.testing.assert_allclose(np.asarray(meshed.images), single.images, atol=1e-5)
+    assert len(meshed.images.sharding.device_set) == n_dev
+
+
 def test_bf16_keeps_the_vae_in_float32(folders):
     """force_upcast: the VAE is loaded and run in float32 when the pipeline runs in bfloat16 (diffusers issue 7765)."""
     pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(folders[0], dtype=jnp.bfloat16)
@@ -308,13 +337,13 @@ def test_bad_inputs(base, refiner):
         rpipe.prepare_inputs(PROMPTS, prompt_2=PROMPTS)
     rids, image = rpipe.prepare_inputs(PROMPTS, smooth_images())
     with pytest.raises(InputError, match="target_size"):
-        rpipe(rids, image, rparams, key, num_inference_steps=2, target_size=(32, 32))
+        rpipe(rids, image, rparams, key, num_inference_steps=10, target_size=(32, 32))
     with pytest.raises(InputError, match="aesthetic_score"):
-        rpipe(rids, image, rparams, key, num_inference_steps=2, aesthetic_score="high")
+        rpipe(rids, image, rparams, key, num_inference_steps=10, aesthetic_score="high")
     with pytest.raises(InputError, match="denoising_start"):
-        rpipe(rids, image, rparams, key, num_inference_steps=2, denoising_start=0.0)
+        rpipe(rids, image, rparams, key, num_inference_steps=10, denoising_start=0.0)
     with pytest.raises(InputError, match=r"\[batch, 1, 77\]"):
-        rpipe(ids, image, rparams, key, num_inference_steps=2)
+        rpipe(ids, image, rparams, key, num_inference_steps=10)
 
 
 # ---------------------------------------------------------------------------- CLI
