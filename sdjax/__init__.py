@@ -11,9 +11,10 @@ from .models import ControlNetModel
 from .pipelines import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
                         FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
                         Trajectory)
+from .pipelines import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLPipeline, load_pipeline
 from .schedulers import get_scheduler
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
            "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
-           "WeightsError"]
+           "WeightsError", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline", "load_pipeline"]

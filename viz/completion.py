@@ -20,6 +20,7 @@ import numpy as np
 
 from sdjax.errors import SdjaxError
 from sdjax.pipelines import FlaxStableDiffusionPipeline, denoise
+from sdjax.pipelines.auto import pipeline_for
 from sdjax.schedulers import get_scheduler
 
 from . import COMPLETION_STEPS
@@ -43,7 +44,7 @@ def completion_pipeline(pipe) -> FlaxStableDiffusionPipeline:
     cfg = pipe.scheduler.config
     ddim = get_scheduler("ddim", base_config=cfg, eta=0.0, clip_sample=bool(cfg.get("clip_sample", False)),
                          thresholding=bool(cfg.get("thresholding", False)))
-    return FlaxStableDiffusionPipeline.from_pipe(pipe, scheduler=ddim)
+    return pipeline_for(pipe, "text2img").from_pipe(pipe, scheduler=ddim)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -73,7 +74,8 @@ def ddim_completions(pipe, params, data, steps: list[int], num_steps: int = 4) -
     t0s = data.timesteps[idx].astype(np.float32)
     ab0s = data.alpha_bar[idx].astype(np.float32)
     ids = pipe.prepare_inputs(data.prompts)
-    neg = pipe.unconditional_ids(len(data.prompts))
+    # the trajectory's unconditional half: the empty prompt's embeddings, or SDXL's zeros (force_zeros_for_empty_prompt)
+    neg = None if getattr(pipe, "force_zeros_for_empty_prompt", False) else pipe.unconditional_ids(len(data.prompts))
     guidance = jnp.full((len(data.prompts),), data.settings.get("guidance_scale", 7.5), jnp.float32)
     out = _complete(completion_pipeline(pipe), int(num_steps), params, ids, neg, guidance, xs, t0s, ab0s)
     return np.asarray(out, np.float32)

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from sdjax.errors import SdjaxError
-from sdjax.pipelines import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline
+from sdjax.pipelines.auto import pipeline_for
 from sdjax.schedulers.registry import SCHEDULERS
 from sdjax.seeds import loop_key, sample_seeds
 from sdjax.trajectories import initial_latents, load_shard
@@ -96,7 +96,7 @@ def run_live(pipe, params, prompts: list[str], *, seed: int = 0, steps: int = 25
         out = pipe(pipe.prepare_inputs(prompts), params, loop_key(seed, 0), height=height, width=width,
                    latents=initial_latents(pipe, seeds, height, width), **common)
     elif mask is None:
-        pipe = FlaxStableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        pipe = pipeline_for(pipe, "img2img").from_pipe(pipe)  # SD or SDXL: the same modules
         strength = 0.8 if strength is None else strength
         ids, images = pipe.prepare_inputs(prompts, [image] * n)
         height, width = images.shape[-2:]
@@ -104,7 +104,7 @@ def run_live(pipe, params, prompts: list[str], *, seed: int = 0, steps: int = 25
         out = pipe(ids, images, params, loop_key(seed, 0), strength=strength,
                    noise=initial_latents(pipe, seeds, height, width), **common)
     else:
-        pipe = FlaxStableDiffusionInpaintPipeline.from_pipe(pipe)
+        pipe = pipeline_for(pipe, "inpaint").from_pipe(pipe)
         strength = 1.0 if strength is None else strength
         ids, masked, masks = pipe.prepare_inputs(prompts, [image] * n, [mask] * n)
         height, width = masked.shape[-2:]

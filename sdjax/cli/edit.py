@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SdjaxError
 from .args import finite_float, positive_int, unit_interval
-from .generate import add_model_args, add_out_args, load_pipeline
+from .generate import add_model_args, add_out_args, load_pipeline, negative_ids
 
 EXAMPLES = {
     "img2img": "example:\n  sdjax img2img --image photo.png --prompt \"a blue square on a black background\" "
@@ -86,11 +86,11 @@ def _check_size(pipe, args, images, what: str = "--image") -> None:
                          f"give --width/--height (e.g. {max(multiple, width // multiple * multiple)}) to resize it")
 
 
-def _start(args, pipeline_cls):
+def _start(args, task: str):
     from ..io import check_output_dir
 
     previous = check_output_dir(args.out, f"sdjax {args.command}", overwrite=args.overwrite)
-    pipe, params, model, steps, guidance = load_pipeline(args, pipeline_cls)
+    pipe, params, model, steps, guidance = load_pipeline(args, task)
     return previous, pipe, params, model, steps, guidance
 
 
@@ -119,11 +119,10 @@ def _finish(args, pipe, images, files_prefix, settings: dict, previous, t0, extr
 
 
 def cmd_img2img(args) -> None:
-    from ..pipelines import FlaxStableDiffusionImg2ImgPipeline
     from ..seeds import loop_key
 
     images = _read_images(args, [args.image])
-    previous, pipe, params, model, steps, guidance = _start(args, FlaxStableDiffusionImg2ImgPipeline)
+    previous, pipe, params, model, steps, guidance = _start(args, "img2img")
     _check_size(pipe, args, images)
     n = args.num_images
     ids, image = pipe.prepare_inputs([args.prompt] * n, images)
@@ -131,7 +130,7 @@ def cmd_img2img(args) -> None:
     pipe.check_inputs(height, width, steps, n)
     t0 = time.perf_counter()
     out = pipe(ids, image, params, loop_key(args.seed), strength=args.strength, num_inference_steps=steps,
-               guidance_scale=guidance, neg_prompt_ids=pipe.prepare_inputs([args.negative_prompt] * n),
+               guidance_scale=guidance, neg_prompt_ids=negative_ids(pipe, args.negative_prompt, n),
                noise=_noise(pipe, args.seed, n, height, width), return_trajectory=False)
     _finish(args, pipe, out.images, "image", {
         "model": model, "image": str(args.image), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
@@ -140,7 +139,6 @@ def cmd_img2img(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
-    from ..pipelines import FlaxStableDiffusionInpaintPipeline
     from ..seeds import loop_key
 
     images = _read_images(args, [args.image])
@@ -148,7 +146,7 @@ def cmd_inpaint(args) -> None:
     if masks[0].size != images[0].size:
         raise SdjaxError(f"--mask is {masks[0].size[0]}x{masks[0].size[1]}, --image {images[0].size[0]}x"
                          f"{images[0].size[1]}: they must have one size")
-    previous, pipe, params, model, steps, guidance = _start(args, FlaxStableDiffusionInpaintPipeline)
+    previous, pipe, params, model, steps, guidance = _start(args, "inpaint")
     _check_size(pipe, args, images)
     n = args.num_images
     ids, masked, mask = pipe.prepare_inputs([args.prompt] * n, images * n, masks * n)
@@ -156,7 +154,7 @@ def cmd_inpaint(args) -> None:
     pipe.check_inputs(height, width, steps, n)
     t0 = time.perf_counter()
     out = pipe(ids, mask, masked, params, loop_key(args.seed), num_inference_steps=steps, guidance_scale=guidance,
-               neg_prompt_ids=pipe.prepare_inputs([args.negative_prompt] * n), strength=args.strength,
+               neg_prompt_ids=negative_ids(pipe, args.negative_prompt, n), strength=args.strength,
                image=pipe.prepare_images(images * n), noise=_noise(pipe, args.seed, n, height, width),
                return_trajectory=False)
     _finish(args, pipe, out.images, "image", {
@@ -191,20 +189,19 @@ def _weights(args, k: int) -> list[list[float]]:
 def cmd_merge(args) -> None:
     import numpy as np
 
-    from ..pipelines import FlaxStableDiffusionMergePipeline
     from ..seeds import loop_key
 
     if len(args.image) < 2:
         raise SdjaxError("--image: give two or more images to merge")
     weight_sets = _weights(args, len(args.image))
     images = _read_images(args, args.image)
-    previous, pipe, params, model, steps, guidance = _start(args, FlaxStableDiffusionMergePipeline)
+    previous, pipe, params, model, steps, guidance = _start(args, "merge")
     _check_size(pipe, args, images)
     n = args.num_images
     ids, stack = pipe.prepare_inputs([args.prompt] * n, images)
     height, width = stack.shape[-2:]
     pipe.check_inputs(height, width, steps, n)
-    neg = pipe.prepare_inputs([args.negative_prompt] * n)
+    neg = negative_ids(pipe, args.negative_prompt, n)
     noise = _noise(pipe, args.seed, n, height, width)
     t0 = time.perf_counter()
     results = []

@@ -15,15 +15,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="diffusers-format Stable Diffusion folder or hub repo id (default: the shipped toy model)")
+                   help="diffusers-format Stable Diffusion 1.x/2.x or SDXL folder, or hub repo id; the pipeline is picked "
+                        "from its model_index.json (default: the shipped toy model)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampling method (default: the model folder's own scheduler)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="number of inference steps (default: 50; 25 for the toy model)")
     p.add_argument("--guidance", type=finite_float, default=None,
-                   help="classifier-free guidance scale (default: 7.5; 5 for the toy model)")
+                   help="classifier-free guidance scale (default: 7.5; 5.0 for SDXL and the toy model)")
     p.add_argument("--seed", type=seed, default=0, help="random seed; sample i uses seed + i (default: 0)")
-    p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's: 512 for SD 1.x, 1024 for SDXL)")
     p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and parameter dtype (default: float32)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
@@ -62,24 +63,34 @@ def default_model() -> str:
     return str(toy_model_path())
 
 
-def load_pipeline(args, pipeline_cls=None):
-    """(pipeline, params, model name, steps, guidance) from the shared model options."""
+def load_pipeline(args, task: str = "text2img"):
+    """(pipeline, params, model name, steps, guidance) from the shared model options. The class is the one of the
+    folder's family (model_index.json: Stable Diffusion 1.x/2.x or SDXL) for `task` ("text2img", "img2img",
+    "inpaint", "merge"); a task the family lacks is a ConfigError naming what it has."""
     import jax.numpy as jnp
 
     from ..compilation import enable_compile_cache
-    from ..pipelines import FlaxStableDiffusionPipeline
+    from ..pipelines.auto import pipeline_class
 
-    pipeline_cls = pipeline_cls or FlaxStableDiffusionPipeline
     if args.compile_cache:
         enable_compile_cache(args.compile_cache)
     model = args.model or default_model()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
+    pipeline_cls = pipeline_class(model, task=task)
     print(f"loading {model} ...", file=sys.stderr)
     pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler)
     toy = args.model is None
     steps = args.steps if args.steps is not None else (25 if toy else 50)
-    guidance = args.guidance if args.guidance is not None else (5.0 if toy else 7.5)
+    # diffusers' defaults: 7.5 for Stable Diffusion, 5.0 for SDXL
+    default_guidance = 5.0 if toy else getattr(pipe, "default_guidance_scale", 7.5)
+    guidance = args.guidance if args.guidance is not None else default_guidance
     return pipe, params, model, steps, guidance
+
+
+def negative_ids(pipe, negative_prompt: str, n: int):
+    """The negative prompt's ids, or None for an empty one: the pipeline's own unconditional embeddings (the empty
+    prompt's; SDXL with force_zeros_for_empty_prompt: zeros, as diffusers without a negative prompt)."""
+    return pipe.prepare_inputs([negative_prompt] * n) if negative_prompt else None
 
 
 def cmd_generate(args) -> None:
@@ -92,7 +103,7 @@ def cmd_generate(args) -> None:
     pipe, params, model, steps, guidance = load_pipeline(args)
     out = Path(args.out)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
-    neg = pipe.prepare_inputs([args.negative_prompt] * args.num_images)
+    neg = negative_ids(pipe, args.negative_prompt, args.num_images)
     height = pipe.default_size if args.height is None else args.height
     width = pipe.default_size if args.width is None else args.width
     pipe.check_inputs(height, width, steps, args.num_images)

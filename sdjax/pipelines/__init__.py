@@ -5,7 +5,10 @@ from .image_to_image import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffus
 from .inpaint import FlaxStableDiffusionInpaintPipeline
 from .output import FlaxStableDiffusionPipelineOutput, Trajectory
 from .stable_diffusion import FlaxStableDiffusionPipeline
+from .stable_diffusion_xl import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLPipeline
+from .auto import load_pipeline
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings",
-           "Conditioning", "denoise"]
+           "Conditioning", "denoise", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline",
+           "load_pipeline"]

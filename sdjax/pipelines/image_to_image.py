@@ -135,7 +135,7 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxStableDiffusionPipeline):
                            guidance_scale, noise, neg_prompt_ids, jit, mesh, return_trajectory, output_attentions,
                            sample_posterior, settings_cls=ImageSettings, image_name: str = "image", **settings_extra):
         """The text-to-image checks, plus the image(s), strength and noise: (settings, inputs, first call)."""
-        batch_shape = np.shape(prompt_ids)[:-1]
+        batch_shape = self.prompt_batch_shape(prompt_ids)
         image, img_h, img_w = self.check_images(image, batch_shape, image_name)
         for name, given, actual in (("height", height, img_h), ("width", width, img_w)):
             if given is not None and given != actual:
@@ -200,7 +200,7 @@ class FlaxStableDiffusionMergePipeline(FlaxStableDiffusionImg2ImgPipeline):
         if images.ndim != 4:
             raise InputError(f"`images` must be [K, 3, H, W] (K >= 1 images to merge), got shape {images.shape}")
         w = self.check_weights(weights, images.shape[0])
-        batch_shape = np.shape(prompt_ids)[:-1]
+        batch_shape = self.prompt_batch_shape(prompt_ids)
         opts = dict(num_inference_steps=50, height=None, width=None, guidance_scale=7.5, noise=None,
                     neg_prompt_ids=None, jit=False, return_trajectory=True, decode_trajectory=False,
                     output_attentions=False, mesh=None, check_finite=True, sample_posterior=True)

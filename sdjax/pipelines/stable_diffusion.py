@@ -33,6 +33,7 @@ from ..schedulers import get_scheduler, load_scheduler_config
 from ..tokenizer import load_tokenizer
 from .base import DiffusionPipeline, check_components, open_pipeline_folder, runtime_for, weight_patterns
 from .engine import Conditioning, Settings, denoise
+from .loading import check_pipeline_class
 
 
 class FlaxStableDiffusionPipeline(DiffusionPipeline):
@@ -62,6 +63,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         """
         root, index = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),
                                            revision=revision)
+        check_pipeline_class(index, root / "model_index.json", cls)
         check_components(index, root / "model_index.json", cls.components, cls.__name__)
         kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle)
         text_encoder, te_params = CLIPTextModel.from_pretrained(
@@ -170,13 +172,14 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         return out, _token_maps(col[ATTENTION_PROBS], sample.shape[2:], sample.shape[0] // 2)
 
     def guided_model(self, params, context, guidance_scale, output_attentions: bool = False, extra_channels=None,
-                     unet_inputs=None):
+                     unet_inputs=None, guidance_rescale=None):
         """The engine's model_fn for text guidance: scaled input, UNet on [uncond; cond], classifier-free guidance.
 
         extra_channels [B, c, h, w]: concatenated to the scaled latents on the channel axis (an inpainting
             UNet's mask and masked-image latents, an upscaler's low-resolution image), for both halves.
         unet_inputs(x, t, i) -> dict: more UNet arguments for the call at step i on input x (both halves), e.g. a
             ControlNet's residuals or SDXL's added_cond_kwargs.
+        guidance_rescale [B] or None: diffusers' guidance_rescale (`guidance.rescale_noise_cfg`), traced.
         """
         sched = self.scheduler
 
@@ -187,7 +190,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
             t = state.timesteps[i]
             kwargs = unet_inputs(x, t, i) if unet_inputs is not None else {}
             out, maps = self.unet_output(params, x, t, context, output_attentions, **kwargs)
-            return classifier_free_guidance(out, guidance_scale), maps
+            return classifier_free_guidance(out, guidance_scale, guidance_rescale), maps
 
         return model_fn
 
@@ -213,12 +216,17 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         cond = self.condition(settings, inputs, params, state, noise_key)
         state = self.scheduler.begin_at(state, cond.start)
         model_fn = self.guided_model(params, context, inputs["guidance_scale"], settings.output_attentions,
-                                     extra_channels=cond.extra_channels, unet_inputs=cond.unet_inputs)
+                                     extra_channels=cond.extra_channels, unet_inputs=cond.unet_inputs,
+                                     guidance_rescale=inputs.get("guidance_rescale"))
         final, trajectory, first_nonfinite = denoise(self.scheduler, state, cond.latents, model_fn, loop_key,
                                                      start=cond.start, end=cond.end, post_step=cond.post_step,
                                                      return_trajectory=settings.return_trajectory)
-        images, images_finite = self.decode_to_images(params["vae"], final)
+        images, images_finite = self.output_images(settings, params, final)
         return images, trajectory, {"first_nonfinite": first_nonfinite, "images_finite": images_finite}
+
+    def output_images(self, settings: Settings, params, latents):
+        """(images, all finite) from the final latents: the VAE's decode (SDXL's output_type="latent": the latents)."""
+        return self.decode_to_images(params["vae"], latents)
 
     def __call__(self, prompt_ids, params, prng_seed, num_inference_steps: int = 50,
                  guidance_scale: float | jax.Array = 7.5, height: int | None = None, width: int | None = None,
@@ -252,7 +260,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         self.check_params(params, jit)
         self.check_key(prng_seed, jit)
         inputs = self.text_inputs(prompt_ids, neg_prompt_ids, guidance_scale, jit, mesh)
-        batch_shape = inputs["prompt_ids"].shape[:-1]
+        batch_shape = self.prompt_batch_shape(inputs["prompt_ids"])
         devices = mesh.size if mesh is not None else (batch_shape[0] if jit else 1)
         self.check_memory(int(np.prod(batch_shape)) // devices, height, width)  # the batch on one device
         if latents is not None:
@@ -260,6 +268,11 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         settings = Settings(num_inference_steps=steps, height=height, width=width,
                             return_trajectory=bool(return_trajectory), output_attentions=bool(output_attentions))
         return settings, inputs
+
+    def prompt_batch_shape(self, prompt_ids) -> tuple:
+        """The batch axes of prompt ids ([B], or [n_devices, per_device] with jit=True): all but the token axis
+        (SDXL's ids have one more axis, the tokenizer)."""
+        return tuple(np.shape(prompt_ids)[:-1])
 
     def text_inputs(self, prompt_ids, neg_prompt_ids, guidance_scale, jit: bool, mesh) -> dict:
         """The batch-major inputs every text-guided pipeline starts from (with a device axis when jit=True)."""
@@ -271,7 +284,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
                                  f"devices ({jax.local_device_count()}); the batch must be divisible by it")
         elif mesh is not None and prompt_ids.shape[0] % mesh.size:
             raise InputError(f"batch size {prompt_ids.shape[0]} must be divisible by the mesh's {mesh.size} devices")
-        batch_shape = prompt_ids.shape[:-1]
+        batch_shape = self.prompt_batch_shape(prompt_ids)
         if neg_prompt_ids is None:
             neg_prompt_ids = np.broadcast_to(self.unconditional_ids(1)[0], prompt_ids.shape)
         neg_prompt_ids = self.check_token_ids(neg_prompt_ids, "neg_prompt_ids", jit, like=prompt_ids)
