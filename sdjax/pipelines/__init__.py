@@ -1,5 +1,6 @@
 """Pipelines: each composes the models with the one denoising engine (`engine.denoise`)."""
 
+from .controlnet import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline
 from .engine import Conditioning, Settings, denoise
 from .image_to_image import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionMergePipeline
 from .inpaint import FlaxStableDiffusionInpaintPipeline
@@ -8,4 +9,5 @@ from .stable_diffusion import FlaxStableDiffusionPipeline
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings",
-           "Conditioning", "denoise"]
+           "Conditioning", "denoise", "FlaxStableDiffusionControlNetPipeline",
+           "FlaxStableDiffusionControlNetImg2ImgPipeline"]
