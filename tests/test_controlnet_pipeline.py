@@ -305,3 +305,71 @@ def test_bad_inputs(pipes, tiny_pipeline):
         img2img(ids, image[..., ::2, ::2], control, params, key, **kw)
     with pytest.raises(InputError, match="2 control images for 1 ControlNet"):
         img2img(ids, image, [control] * 2, params, key, **kw)
+
+
+def _write_control_pngs(folder, n=2):
+    from PIL import Image
+
+    paths = []
+    for s in range(n):
+        path = folder / f"control-{s}.png"
+        Image.fromarray((control_images(1, seed=s)[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_cli_generate_with_two_controlnets(capsys, tmp_path, tiny_folder, controlnet_folders, pipes):
+    """`sdjax generate --controlnet A --controlnet B --control-image ...` gives the API's image for the same seed."""
+    import json
+
+    from sdjax.cli import main
+    from sdjax.seeds import initial_noise, loop_key, sample_seeds
+
+    pngs = _write_control_pngs(tmp_path)
+    out = tmp_path / "out"
+    argv = ["generate", "--model", tiny_folder, "--prompt", PROMPTS[1], "--steps", "3", "--scheduler", "ddim",
+            "--controlnet", controlnet_folders[0], "--controlnet", controlnet_folders[1], "--control-image", pngs[0],
+            "--control-image", pngs[1], "--control-scale", "0.5", "--control-scale", "1.5", "--control-end", "0.7",
+            "--out", out]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["controlnet_conditioning_scale"] == [0.5, 1.5] and settings["control_guidance_end"] == 0.7
+    from PIL import Image
+
+    got = np.asarray(Image.open(out / "image-000.png"), np.float32) / 255
+    _, two, params = pipes
+    pipe = two.with_scheduler("ddim")
+    control = [pipe.prepare_image_inputs(Image.open(p).convert("RGB")) for p in pngs]
+    latents = initial_noise(sample_seeds(0, range(1)), pipe.latent_shape(1, SIZE, SIZE)[1:])
+    ref = pipe(pipe.prepare_text_inputs([PROMPTS[1]]), control, params, loop_key(0), num_inference_steps=3,
+               guidance_scale=settings["guidance_scale"], latents=latents, neg_prompt_ids=pipe.prepare_text_inputs([""]),
+               controlnet_conditioning_scale=[0.5, 1.5], control_guidance_end=0.7, return_trajectory=False)
+    assert np.abs(got - np.asarray(ref.images[0])).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (("--control-image", "{png0}"), "--control-image needs --controlnet PATH"),
+    (("--guess-mode",), "--guess-mode needs --controlnet PATH"),
+    (("--controlnet", "{cn0}", "--controlnet", "{cn1}", "--control-image", "{png0}"),
+     "1 --control-image for 2 --controlnet: give one control image per ControlNet"),
+    (("--controlnet", "{cn0}", "--controlnet", "{cn1}", "--control-image", "{png0}", "--control-image", "{png1}",
+      "--control-scale", "1", "--control-scale", "1", "--control-scale", "1"), "3 --control-scale for 2 --controlnet"),
+    (("--controlnet", "{cn0}", "--control-image", "{png0}", "--control-scale", "nan"), "argument --control-scale"),
+    (("--controlnet", "{cn0}", "--control-image", "{home}/missing.png"), "image file not found"),
+    (("--controlnet", "{cn0}", "--control-image", "{odd}"), "is 30x30; this model needs sizes that are multiples of 4"),
+    (("--controlnet", "{cn0}", "--control-image", "{png0}", "--control-start", "0.8", "--control-end", "0.2"),
+     "need 0 <= start < end <= 1"),
+    (("--controlnet", "{home}/nothing", "--control-image", "{png0}"), "nothing"),
+])
+def test_cli_control_errors(capsys, tmp_path, tiny_folder, controlnet_folders, extra, expect):
+    from PIL import Image
+
+    from .badinput import run_cli
+
+    pngs = _write_control_pngs(tmp_path)
+    Image.new("RGB", (30, 30)).save(tmp_path / "odd.png")
+    names = dict(png0=pngs[0], png1=pngs[1], cn0=controlnet_folders[0], cn1=controlnet_folders[1], home=tmp_path,
+                 odd=tmp_path / "odd.png")
+    argv = ["generate", "--model", tiny_folder, "--prompt", "a cat", "--steps", "2", "--out", tmp_path / "out",
+            *[str(a).format(**names) for a in extra]]
+    run_cli(capsys, argv, tmp_path, expect, out=tmp_path / "out")
