@@ -79,3 +79,13 @@ def test_trains_resumes_and_exports_for_diffusers(tiny_folder, tmp_path):
     errs = [rel_err(a, b.numpy()) for a, b in zip((*down, mid), (*rdown, rmid))]
     print(f"\n[toy controlnet export] diffusers residuals max rel err {max(errs):.2e}")
     assert max(errs) <= 1e-5
+
+
+def test_shipped_controlnet_fits_the_toy_model():
+    from sdjax.assets import toy_controlnet_path, toy_model_path
+    from sdjax.pipelines import FlaxStableDiffusionControlNetPipeline
+
+    pipe, params = FlaxStableDiffusionControlNetPipeline.from_pretrained(toy_model_path(),
+                                                                         controlnet=toy_controlnet_path())
+    assert len(pipe.controlnet) == 1 and pipe.controlnet[0].cond_downscale() == pipe.vae_scale_factor
+    pipe.check_params(params)
