@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from .compilation import enable_compile_cache
 from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, WeightsError
 from .models import ControlNetModel
+from .pipelines import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline
 from .pipelines import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
                         FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
                         Trajectory)
@@ -17,4 +18,5 @@ from .schedulers import get_scheduler
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
            "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
-           "WeightsError", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline", "load_pipeline"]
+           "WeightsError", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline", "load_pipeline",
+           "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline"]

@@ -60,32 +60,73 @@ def all_shape_captions() -> list[tuple[tuple[int, int, int], str]]:
             for b in range(len(BACKGROUNDS))]
 
 
-def render_shape(color: int, shape: int, background: int, center, radius: float, image_size: int) -> np.ndarray:
-    """One image [H, W, 3] uint8. `center` (x, y) and `radius` in pixels; the shape fits in the circle of that radius."""
+def _shape_mask(shape: int, center, radius: float, image_size: int) -> np.ndarray:
+    """The shape's coverage on the SUPERSAMPLE x finer grid: bool [H * S, W * S]."""
     n = image_size * SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / SUPERSAMPLE
     x, y = np.meshgrid(coords, coords)
     dx, dy = x - center[0], y - center[1]
     if SHAPES[shape] == "circle":
-        mask = dx * dx + dy * dy <= radius * radius
-    elif SHAPES[shape] == "square":
+        return dx * dx + dy * dy <= radius * radius
+    if SHAPES[shape] == "square":
         half = radius / np.sqrt(2.0)
-        mask = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    else:  # upright equilateral triangle inscribed in the circle
-        mask = (dy <= radius / 2) & (np.sqrt(3.0) * dx - dy <= radius) & (-np.sqrt(3.0) * dx - dy <= radius)
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    # upright equilateral triangle inscribed in the circle
+    return (dy <= radius / 2) & (np.sqrt(3.0) * dx - dy <= radius) & (-np.sqrt(3.0) * dx - dy <= radius)
+
+
+def render_shape(color: int, shape: int, background: int, center, radius: float, image_size: int) -> np.ndarray:
+    """One image [H, W, 3] uint8. `center` (x, y) and `radius` in pixels; the shape fits in the circle of that radius."""
+    mask = _shape_mask(shape, center, radius, image_size)
     fg, bg = np.array(COLORS[COLOR_NAMES[color]]), np.array(BACKGROUNDS[BACKGROUND_NAMES[background]])
     img = np.where(mask[..., None], fg, bg)
     img = img.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.round(img * 255).astype(np.uint8)
 
 
-def shapes_example(seed: int, index: int, image_size: int = 32):
-    """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only."""
+def render_silhouette(shape: int, center, radius: float, image_size: int) -> np.ndarray:
+    """The shape's silhouette [H, W] uint8: 255 inside, 0 outside, anti-aliased edges as `render_shape` draws them
+    (a ControlNet's control image: white shape on black, at the shape's position and size)."""
+    mask = _shape_mask(shape, center, radius, image_size).astype(np.float64)
+    cover = mask.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(1, 3))
+    return np.round(cover * 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeGeometry:
+    """What shapes image (seed, index) shows: label indices, center (x, y) and radius in pixels."""
+
+    color: int
+    shape: int
+    background: int
+    center: tuple[float, float]
+    radius: float
+
+    @property
+    def labels(self) -> tuple[int, int, int]:
+        return self.color, self.shape, self.background
+
+
+def shape_geometry(seed: int, index: int, image_size: int = 32) -> ShapeGeometry:
+    """The labels, position and size of shapes image `index`: a function of (seed, index) only."""
     rng = np.random.default_rng([seed, index])
     color, shape, background = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES))), int(rng.integers(len(BACKGROUNDS)))
     radius = rng.uniform(0.2, 0.42) * image_size
     cx, cy = rng.uniform(radius, image_size - radius, size=2)
-    return render_shape(color, shape, background, (cx, cy), radius, image_size), (color, shape, background)
+    return ShapeGeometry(color, shape, background, (float(cx), float(cy)), float(radius))
+
+
+def shapes_example(seed: int, index: int, image_size: int = 32):
+    """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only."""
+    g = shape_geometry(seed, index, image_size)
+    return render_shape(g.color, g.shape, g.background, g.center, g.radius, image_size), g.labels
+
+
+def shapes_silhouette_example(seed: int, index: int, image_size: int = 32):
+    """(image, silhouette [H, W] uint8, (color, shape, background)) of shapes image `index`."""
+    g = shape_geometry(seed, index, image_size)
+    image = render_shape(g.color, g.shape, g.background, g.center, g.radius, image_size)
+    return image, render_silhouette(g.shape, g.center, g.radius, image_size), g.labels
 
 
 def shapes_dataset(n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:

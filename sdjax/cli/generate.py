@@ -37,6 +37,20 @@ def add_commands(sub) -> None:
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
     g.add_argument("--num-images", type=positive_int, default=1, help="images to generate for the prompt (default: 1)")
+    c = g.add_argument_group("ControlNet (repeat --controlnet/--control-image for several ControlNets, in order)")
+    c.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a diffusers ControlNet folder or hub repo id (e.g. sdjax/assets/toy-shapes-controlnet)")
+    c.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="its control image (PNG/JPEG, e.g. a white silhouette on black); the output has its size, "
+                        "or --height/--width (it is then resized with Lanczos, as diffusers does)")
+    c.add_argument("--control-scale", action="append", type=finite_float, default=[], metavar="S",
+                   help="controlnet_conditioning_scale: one for all, or one per ControlNet (default: 1)")
+    c.add_argument("--control-start", action="append", type=finite_float, default=[], metavar="F",
+                   help="control_guidance_start: the fraction of the steps before the ControlNet acts (default: 0)")
+    c.add_argument("--control-end", action="append", type=finite_float, default=[], metavar="F",
+                   help="control_guidance_end: the fraction of the steps after which it stops (default: 1)")
+    c.add_argument("--guess-mode", action="store_true",
+                   help="the ControlNets steer only the prompt's half of classifier-free guidance (diffusers' guess mode)")
     add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -63,10 +77,11 @@ def default_model() -> str:
     return str(toy_model_path())
 
 
-def load_pipeline(args, task: str = "text2img"):
+def load_pipeline(args, task: str = "text2img", pipeline_cls=None, **load):
     """(pipeline, params, model name, steps, guidance) from the shared model options. The class is the one of the
     folder's family (model_index.json: Stable Diffusion 1.x/2.x or SDXL) for `task` ("text2img", "img2img",
-    "inpaint", "merge"); a task the family lacks is a ConfigError naming what it has."""
+    "inpaint", "merge"), or `pipeline_cls`; a task the family lacks is a ConfigError naming what it has.
+    `load`: more from_pretrained arguments (e.g. controlnet=)."""
     import jax.numpy as jnp
 
     from ..compilation import enable_compile_cache
@@ -76,9 +91,9 @@ def load_pipeline(args, task: str = "text2img"):
         enable_compile_cache(args.compile_cache)
     model = args.model or default_model()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    pipeline_cls = pipeline_class(model, task=task)
+    pipeline_cls = pipeline_cls or pipeline_class(model, task=task)
     print(f"loading {model} ...", file=sys.stderr)
-    pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler)
+    pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler, **load)
     toy = args.model is None
     steps = args.steps if args.steps is not None else (25 if toy else 50)
     # diffusers' defaults: 7.5 for Stable Diffusion, 5.0 for SDXL
@@ -99,19 +114,35 @@ def cmd_generate(args) -> None:
     from ..io import check_output_dir, record_output, write_json, write_png
     from ..seeds import initial_noise, loop_key, sample_seeds
 
+    control = check_control_args(args)
     previous = check_output_dir(args.out, "sdjax generate", overwrite=args.overwrite)
-    pipe, params, model, steps, guidance = load_pipeline(args)
+    if control:
+        from ..pipelines import FlaxStableDiffusionControlNetPipeline
+
+        pipe, params, model, steps, guidance = load_pipeline(args, pipeline_cls=FlaxStableDiffusionControlNetPipeline,
+                                                             controlnet=list(args.controlnet))
+    else:
+        pipe, params, model, steps, guidance = load_pipeline(args)
     out = Path(args.out)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
     neg = negative_ids(pipe, args.negative_prompt, args.num_images)
-    height = pipe.default_size if args.height is None else args.height
-    width = pipe.default_size if args.width is None else args.width
+    control_images = None
+    if control:  # the output has the control image's size (--height/--width resize it)
+        control_images = control_inputs(pipe, args)
+        height, width = control_images[0].shape[-2:]
+    else:
+        height = pipe.default_size if args.height is None else args.height
+        width = pipe.default_size if args.width is None else args.width
     pipe.check_inputs(height, width, steps, args.num_images)
     # image i starts from the noise of seed + i: the same image as `sdjax viz` / `sdjax trajectories` give
     latents = initial_noise(sample_seeds(args.seed, range(args.num_images)), pipe.latent_shape(1, height, width)[1:])
     t0 = time.perf_counter()
-    result = pipe(ids, params, loop_key(args.seed), num_inference_steps=steps, guidance_scale=guidance,
-                  height=height, width=width, latents=latents, neg_prompt_ids=neg, return_trajectory=False)
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, latents=latents,
+              neg_prompt_ids=neg, return_trajectory=False)
+    if control:
+        result = pipe(ids, control_images, params, loop_key(args.seed), **kw, **control)
+    else:
+        result = pipe(ids, params, loop_key(args.seed), **kw)
     images = np.asarray(result.images)
     seconds = time.perf_counter() - t0
     files = []
@@ -124,9 +155,58 @@ def cmd_generate(args) -> None:
         "guidance_scale": guidance, "seed": args.seed, "height": images.shape[1], "width": images.shape[2],
         "scheduler": pipe.scheduler.name, "dtype": args.dtype, "num_images": args.num_images, "images": files,
         "seconds_including_compile": round(seconds, 3),
-    })
+    } | ({"controlnet": list(args.controlnet), "control_image": list(args.control_image), **control} if control
+         else {}))
     record_output(out, "sdjax generate", files + ["settings.json"], previous)
     print(f"wrote {len(files)} image(s) and settings.json to {out}")
+
+
+def check_control_args(args) -> dict:
+    """The ControlNet options, checked before anything loads: {} without --controlnet, else the call's
+    controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode."""
+    from ..errors import InputError
+
+    k = len(args.controlnet)
+    if not k:
+        given = [f for f, v in (("--control-image", args.control_image), ("--control-scale", args.control_scale),
+                                ("--control-start", args.control_start), ("--control-end", args.control_end),
+                                ("--guess-mode", args.guess_mode)) if v]
+        if given:
+            raise InputError(f"{given[0]} needs --controlnet PATH (a diffusers ControlNet folder)")
+        return {}
+    if len(args.control_image) != k:
+        raise InputError(f"{len(args.control_image)} --control-image for {k} --controlnet: give one control image per "
+                         "ControlNet, in the same order")
+    call = {"guess_mode": bool(args.guess_mode)}
+    for flag, values, key, default in (("--control-scale", args.control_scale, "controlnet_conditioning_scale", 1.0),
+                                       ("--control-start", args.control_start, "control_guidance_start", 0.0),
+                                       ("--control-end", args.control_end, "control_guidance_end", 1.0)):
+        if len(values) not in (0, 1, k):
+            raise InputError(f"{len(values)} {flag} for {k} --controlnet: give one for all, or one per ControlNet")
+        values = values or [default]
+        call[key] = values[0] if len(values) == 1 else list(values)
+    return call
+
+
+def control_inputs(pipe, args) -> list:
+    """The control images as the pipeline takes them: [1, 3, H, W] each (one for all images), of one size."""
+    from ..errors import InputError
+    from ..images import load_image
+
+    images = [load_image(path, "RGB") for path in args.control_image]
+    if args.height is None and args.width is None:
+        sizes = {im.size for im in images}
+        if len(sizes) > 1:
+            raise InputError(f"the control images have different sizes ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))})"
+                             ": give --width/--height to resize them to one")
+        multiple = pipe.size_multiple()
+        w, h = images[0].size
+        if w % multiple or h % multiple:
+            raise InputError(f"--control-image {args.control_image[0]} is {w}x{h}; this model needs sizes that are "
+                             f"multiples of {multiple}: give --width/--height to resize it")
+    height = args.height or images[0].size[1]
+    width = args.width or images[0].size[0]
+    return [pipe.prepare_image_inputs(im, height=height, width=width) for im in images]
 
 
 def cmd_trajectories(args) -> None:

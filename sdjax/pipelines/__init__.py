@@ -1,5 +1,6 @@
 """Pipelines: each composes the models with the one denoising engine (`engine.denoise`)."""
 
+from .controlnet import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline
 from .engine import Conditioning, Settings, denoise
 from .image_to_image import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionMergePipeline
 from .inpaint import FlaxStableDiffusionInpaintPipeline
@@ -11,4 +12,4 @@ from .auto import load_pipeline
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings",
            "Conditioning", "denoise", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline",
-           "load_pipeline"]
+           "load_pipeline", "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline"]
