@@ -8,9 +8,11 @@ __version__ = "0.1.0"
 from .compilation import enable_compile_cache
 from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, WeightsError
 from .models import ControlNetModel
-from .pipelines import FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput, Trajectory
+from .pipelines import (FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
+                        FlaxStableDiffusionUpscalePipeline, Trajectory)
 from .schedulers import get_scheduler
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
            "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
            "WeightsError"]
+__all__ += ["FlaxStableDiffusionUpscalePipeline"]

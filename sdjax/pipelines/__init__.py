@@ -3,5 +3,7 @@
 from .engine import Settings, denoise
 from .output import FlaxStableDiffusionPipelineOutput, Trajectory
 from .stable_diffusion import FlaxStableDiffusionPipeline
+from .upscale import FlaxStableDiffusionUpscalePipeline
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings", "denoise"]
+__all__ += ["FlaxStableDiffusionUpscalePipeline"]
