@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import SdjaxError
 from .args import finite_float, positive_int, seed
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
@@ -36,6 +37,7 @@ def add_commands(sub) -> None:
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
     g.add_argument("--num-images", type=positive_int, default=1, help="images to generate for the prompt (default: 1)")
+    add_upscaler_args(g)
     add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -47,6 +49,49 @@ def add_commands(sub) -> None:
     t.add_argument("--save-images", action="store_true", help="also write each final image as PNG")
     add_out_args(t, "output folder (rerun the same command to resume)")
     t.set_defaults(func=cmd_trajectories)
+
+
+def add_upscaler_args(p: argparse.ArgumentParser) -> None:
+    """A second stage: an upscaler run on the model's images (a cascade, each stage its own compiled program)."""
+    u = p.add_mutually_exclusive_group()
+    u.add_argument("--upscaler", default=None, metavar="PATH",
+                   help="diffusers-format upscaler folder or hub repo id (StableDiffusionUpscalePipeline): upscale "
+                        "the images with it, writing both stages' images (default: none)")
+    u.add_argument("--cascade", action="store_true",
+                   help="the shipped toy upscaler (32x32 -> 64x64), for the toy model: text -> 32x32 -> 64x64")
+    p.add_argument("--upscaler-steps", type=positive_int, default=None,
+                   help="the upscaler's inference steps (default: 25 for the toy upscaler, 75 otherwise)")
+    p.add_argument("--upscaler-guidance", type=finite_float, default=None,
+                   help="the upscaler's guidance scale (default: 1 for the toy upscaler, 9 otherwise)")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="noise added to the low-resolution images before upscaling, 0 .. the upscaler's "
+                        "max_noise_level (default: 100 for the toy upscaler, 20 otherwise, as diffusers)")
+
+
+def load_upscaler(args, dtype_name: str):
+    """(upscaler pipeline, params, path, steps, guidance, noise level) of --upscaler / --cascade, or None."""
+    if not (args.upscaler or args.cascade):
+        for flag in ("upscaler_steps", "upscaler_guidance", "noise_level"):
+            if getattr(args, flag) is not None:
+                raise SdjaxError(f"--{flag.replace('_', '-')} needs --upscaler PATH or --cascade")
+        return None
+    import jax.numpy as jnp
+
+    from ..assets import TOY_UPSCALER_SETTINGS, toy_upscaler_path
+    from ..pipelines import FlaxStableDiffusionUpscalePipeline
+
+    path = str(toy_upscaler_path()) if args.cascade else args.upscaler
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype_name]
+    print(f"loading {path} ...", file=sys.stderr)
+    up, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype)
+    toy = args.cascade or Path(path).resolve() == toy_upscaler_path().resolve()
+    steps = args.upscaler_steps if args.upscaler_steps is not None else (TOY_UPSCALER_SETTINGS["steps"] if toy else 75)
+    guidance = args.upscaler_guidance if args.upscaler_guidance is not None else (
+        TOY_UPSCALER_SETTINGS["guidance"] if toy else 9.0)
+    level = args.noise_level if args.noise_level is not None else (TOY_UPSCALER_SETTINGS["noise_level"] if toy else 20)
+    up.check_noise_level(level, (1,))
+    up.check_steps(steps)
+    return up, params, path, steps, guidance, level
 
 
 def add_out_args(p: argparse.ArgumentParser, help: str = "output folder", required: bool = True, default=None) -> None:
@@ -87,7 +132,10 @@ def cmd_generate(args) -> None:
     from ..seeds import initial_noise, loop_key, sample_seeds
 
     previous = check_output_dir(args.out, "sdjax generate", overwrite=args.overwrite)
+    upscaler = load_upscaler(args, args.dtype)
     pipe, params, model, steps, guidance = load_pipeline(args)
+    if upscaler is not None:
+        return _generate_cascade(args, previous, pipe, params, model, steps, guidance, upscaler)
     out = Path(args.out)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
     neg = pipe.prepare_inputs([args.negative_prompt] * args.num_images)
@@ -128,3 +176,41 @@ def cmd_trajectories(args) -> None:
                                 save_images=args.save_images, settings_extra={"model": model, "dtype": args.dtype},
                                 prompt_lines=lines, overwrite=args.overwrite)
     print(f"{len(manifest['shards'])} shard(s) for {len(prompts)} prompts in {args.out} (manifest.json)")
+
+
+def _generate_cascade(args, previous, pipe, params, model, steps, guidance, upscaler) -> None:
+    """text -> the model's images (stage1-NNN.png) -> the upscaler's (image-NNN.png): two compiled programs."""
+    import numpy as np
+
+    from ..io import record_output, write_json, write_png
+    from ..pipelines.cascade import run_cascade
+
+    up, up_params, up_path, up_steps, up_guidance, level = upscaler
+    out = Path(args.out)
+    height = pipe.default_size if args.height is None else args.height
+    width = pipe.default_size if args.width is None else args.width
+    t0 = time.perf_counter()
+    result = run_cascade(pipe, params, up, up_params, [args.prompt] * args.num_images,
+                         negative_prompt=args.negative_prompt, seed=args.seed, steps=steps, guidance=guidance,
+                         upscaler_steps=up_steps, upscaler_guidance=up_guidance, noise_level=level, height=height,
+                         width=width)
+    low, images = np.asarray(result.low_res), np.asarray(result.images)
+    seconds = time.perf_counter() - t0
+    files = []
+    for i, (a, b) in enumerate(zip(low, images)):
+        for name, img in ((f"stage1-{i:03d}.png", a), (f"image-{i:03d}.png", b)):
+            write_png(out / name, img)
+            files.append(name)
+    write_json(out / "settings.json", {
+        "model": model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": steps,
+        "guidance_scale": guidance, "seed": args.seed, "height": images.shape[1], "width": images.shape[2],
+        "scheduler": pipe.scheduler.name, "dtype": args.dtype, "num_images": args.num_images,
+        "images": [f for f in files if f.startswith("image-")],
+        "stage1": {"height": low.shape[1], "width": low.shape[2], "images": [f for f in files if f.startswith("stage1-")]},
+        "upscaler": {"model": up_path, "steps": up_steps, "guidance_scale": up_guidance, "noise_level": level,
+                     "scheduler": up.scheduler.name},
+        "seconds_including_compile": round(seconds, 3),
+    })
+    record_output(out, "sdjax generate", files + ["settings.json"], previous)
+    print(f"wrote {args.num_images} stage-1 image(s) ({low.shape[1]}x{low.shape[2]}, stage1-*.png), their upscaled "
+          f"version(s) ({images.shape[1]}x{images.shape[2]}, image-*.png) and settings.json to {out}")
