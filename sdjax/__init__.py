@@ -8,11 +8,13 @@ __version__ = "0.1.0"
 from .compilation import enable_compile_cache
 from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, WeightsError
 from .models import ControlNetModel
-from .pipelines import (FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
+from .pipelines import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
+                        FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
                         FlaxStableDiffusionUpscalePipeline, Trajectory)
 from .schedulers import get_scheduler
 
-__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
+__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
+           "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
            "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
            "WeightsError"]
 __all__ += ["FlaxStableDiffusionUpscalePipeline"]
