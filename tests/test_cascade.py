@@ -79,10 +79,21 @@ def test_cli_generate_with_an_upscaler(tiny_folder, upscaler_folder, tmp_path):
     assert settings["upscaler"]["noise_level"] == 30 and settings["upscaler"]["steps"] == 2
     assert settings["upscaler"]["guidance_scale"] == 9.0  # diffusers' default for an upscaler that is not the toy's
     assert settings["images"] == ["image-000.png", "image-001.png"] and settings["height"] == 128
+    # `sdjax upscale` on stage 1's second PNG with seed 0 + 1 is stage 2 of the cascade's second image (its input
+    # rounded to uint8 by the PNG: close, not equal)
+    r = sdjax_cli("upscale", "--model", upscaler_folder, "--image", out / "stage1-001.png", "--prompt", "a cat",
+                  "--steps", 2, "--noise-level", 30, "--guidance", 9, "--seed", 1, "--out", tmp_path / "up")
+    assert r.returncode == 0, r.stderr[-3000:]
+    alone = np.asarray(Image.open(tmp_path / "up" / "image-000.png"), np.float32)
+    cascade = np.asarray(Image.open(out / "image-001.png"), np.float32)
+    assert alone.shape == (128, 128, 3) and np.abs(alone - cascade).mean() < 2.0, np.abs(alone - cascade).mean()
+    settings = json.loads((tmp_path / "up" / "settings.json").read_text())
+    assert settings["noise_level"] == 30 and settings["width"] == 128 and settings["images"] == ["image-000.png"]
 
 
 @pytest.mark.slow
 def test_cli_cascade_errors_are_one_line(tiny_folder, upscaler_folder, tmp_path):
+    Image.new("RGB", (30, 30)).save(tmp_path / "odd.png")
     cases = [
         (("generate", "--model", tiny_folder, "--prompt", "a cat", "--noise-level", 5, "--out", tmp_path / "a"),
          "sdjax generate: error: --noise-level needs --upscaler PATH or --cascade"),
@@ -92,6 +103,12 @@ def test_cli_cascade_errors_are_one_line(tiny_folder, upscaler_folder, tmp_path)
          "has no low_res_scheduler component"),
         (("generate", "--upscaler", upscaler_folder, "--cascade", "--prompt", "a cat", "--out", tmp_path / "d"),
          "not allowed with argument"),
+        (("upscale", "--model", upscaler_folder, "--image", tmp_path / "odd.png", "--out", tmp_path / "e"),
+         "the low-resolution `image` is 30x30; its sides must be positive multiples of 8"),
+        (("upscale", "--model", upscaler_folder, "--image", tmp_path / "odd.png", "--noise-level", -1,
+          "--out", tmp_path / "f"), "`noise_level` must be in [0, 350]"),
+        (("upscale", "--model", tiny_folder, "--image", tmp_path / "odd.png", "--out", tmp_path / "g"),
+         "has no low_res_scheduler component"),
     ]
     for args, message in cases:
         r = sdjax_cli(*args)
