@@ -104,7 +104,7 @@ def test_cli_cascade_errors_are_one_line(tiny_folder, upscaler_folder, tmp_path)
         (("generate", "--upscaler", upscaler_folder, "--cascade", "--prompt", "a cat", "--out", tmp_path / "d"),
          "not allowed with argument"),
         (("upscale", "--model", upscaler_folder, "--image", tmp_path / "odd.png", "--out", tmp_path / "e"),
-         "the low-resolution `image` is 30x30; its sides must be positive multiples of 8"),
+         "the low-resolution `image` is 30x30; its sides must be positive multiples of 4"),
         (("upscale", "--model", upscaler_folder, "--image", tmp_path / "odd.png", "--noise-level", -1,
           "--out", tmp_path / "f"), "`noise_level` must be in [0, 350]"),
         (("upscale", "--model", tiny_folder, "--image", tmp_path / "odd.png", "--out", tmp_path / "g"),
@@ -137,3 +137,17 @@ def test_viz_of_both_stages(tiny_pipeline, upscaler, tmp_path):
     second.unet_extras = None  # the completion needs the upscaler's conditioning
     with pytest.raises(ConfigError, match="pass class_labels"):
         ddim_completions(up, up_params, second, [2], num_steps=1)
+
+
+def test_no_toy_upscaler_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    """--cascade and `sdjax upscale` without --model need the toy upscaler; while none is shipped (or it is missing)
+    they stop before loading anything, with one line saying so."""
+    import sdjax.assets
+    from tests.badinput import run_cli
+
+    monkeypatch.setattr(sdjax.assets, "TOY_UPSCALER", tmp_path / "no-upscaler")
+    Image.new("RGB", (32, 32)).save(tmp_path / "small.png")
+    for argv in (["upscale", "--image", tmp_path / "small.png", "--out", tmp_path / "a"],
+                 ["generate", "--cascade", "--prompt", "a cat", "--out", tmp_path / "b"]):
+        line = run_cli(capsys, argv, tmp_path, "ships none yet", out=argv[-1])
+        assert "--upscaler PATH" in line and "docs/cascade.md" in line

@@ -1,5 +1,5 @@
-"""Files shipped with sdjax: the trained toy LDM (`toy-shapes/`), the offline default model, and its upscaler
-(`toy-shapes-upscaler/`, 32x32 -> 64x64: the toy cascade's second stage)."""
+"""Files shipped with sdjax: the trained toy LDM (`toy-shapes/`), the offline default model. The toy cascade's
+second stage (`toy-shapes-upscaler/`, 32x32 -> 64x64) has its place here but is not shipped yet (docs/cascade.md)."""
 
 from pathlib import Path
 
@@ -8,7 +8,8 @@ from ..errors import SdjaxError
 TOY_MODEL = Path(__file__).parent / "toy-shapes"
 TOY_UPSCALER = Path(__file__).parent / "toy-shapes-upscaler"
 
-#: how the toy cascade runs its upscaler by default (chosen by `sdjax train evaluate --cascade`, docs/cascade.md)
+#: how the toy cascade runs its upscaler by default (--cascade, or sdjax upscale without --model); to be chosen by
+#: `sdjax train evaluate --cascade --noise-level ...` once a toy upscaler is trained (docs/cascade.md)
 TOY_UPSCALER_SETTINGS = {"steps": 25, "guidance": 1.0, "noise_level": 100}
 
 
@@ -20,6 +21,7 @@ def toy_model_path() -> Path:
 
 def toy_upscaler_path() -> Path:
     if not (TOY_UPSCALER / "model_index.json").is_file():
-        raise SdjaxError(f"the shipped toy upscaler is missing from {TOY_UPSCALER}; reinstall sdjax, or pass "
-                         "--upscaler PATH")
+        raise SdjaxError(f"no toy upscaler in {TOY_UPSCALER}: this sdjax ships none yet (docs/cascade.md: how to "
+                         "train one, and why it is not shipped); pass an upscaler folder instead (--upscaler PATH, "
+                         "--model PATH for sdjax upscale)")
     return TOY_UPSCALER

@@ -77,14 +77,14 @@ def load_upscaler(args, dtype_name: str):
         return None
     import jax.numpy as jnp
 
-    from ..assets import TOY_UPSCALER_SETTINGS, toy_upscaler_path
+    from ..assets import TOY_UPSCALER, TOY_UPSCALER_SETTINGS, toy_upscaler_path
     from ..pipelines import FlaxStableDiffusionUpscalePipeline
 
     path = str(toy_upscaler_path()) if args.cascade else args.upscaler
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype_name]
     print(f"loading {path} ...", file=sys.stderr)
     up, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype)
-    toy = args.cascade or Path(path).resolve() == toy_upscaler_path().resolve()
+    toy = args.cascade or Path(path).resolve() == TOY_UPSCALER.resolve()
     steps = args.upscaler_steps if args.upscaler_steps is not None else (TOY_UPSCALER_SETTINGS["steps"] if toy else 75)
     guidance = args.upscaler_guidance if args.upscaler_guidance is not None else (
         TOY_UPSCALER_SETTINGS["guidance"] if toy else 9.0)
