@@ -129,6 +129,8 @@ def test_viz_of_both_stages(tiny_pipeline, upscaler, tmp_path):
     assert list(second.unet_extras["class_labels"]) == [40, 40] and second.settings["noise_level"] == 40
     files = render(up, up_params, second, tmp_path / "stage2", columns=3, completion_steps=1)
     assert Image.open(files["grid"]).size[0] > 0
+    # the upscaler's K-step completions are drawn (its run carries the noised low-resolution image and level)
+    assert "ddim_completion" in json.loads(files["convergence_json"].read_text())
     # the one-step DDIM completion of the last step is the last x̂0, which saw the same low-res image and level
     from sdjax.viz.completion import ddim_completions
 

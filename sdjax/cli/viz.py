@@ -156,13 +156,12 @@ def _live_cascade(args, prompts, command, t0, previous, pipe, params, model, ste
     out = Path(args.out)
     files = render(pipe, params, first, out, columns=args.columns, completion_steps=args.completion_steps,
                    tokens=tokens,
-                   title=rf"Stage 1 ({first.settings['height']}x{first.settings['width']}): one-step completions "
-                         rf"$\hat{{x}}_0$  ({pipe.scheduler.name}, {steps} steps, guidance {guidance:g})")
+                   title=rf"Stage 1, {first.settings['height']}x{first.settings['width']}: $\hat{{x}}_0$ per step "
+                         rf"({pipe.scheduler.name}, {steps} steps, g {guidance:g})")
     stage2 = render(up, up_params, second, out / "stage2", columns=args.columns,
                     completion_steps=args.completion_steps,
-                    title=rf"Stage 2, the upscaler ({second.settings['height']}x{second.settings['width']}, noise "
-                          rf"level {level}): one-step completions $\hat{{x}}_0$  ({up.scheduler.name}, {up_steps} "
-                          rf"steps, guidance {up_guidance:g})")
+                    title=rf"Stage 2, {second.settings['height']}x{second.settings['width']}: $\hat{{x}}_0$ per step "
+                          rf"({up.scheduler.name}, {up_steps} steps, g {up_guidance:g}, noise level {level})")
     files |= {f"stage2_{k}": v for k, v in stage2.items()}
     names = [str(Path(f).relative_to(out)) for f in files.values()]
     record_output(out, command, names, previous)
