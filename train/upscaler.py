@@ -164,12 +164,19 @@ def caption_contexts(text_encoder, params, tokenizer, captions) -> tuple[np.ndar
 
 
 LEVEL_FEATURES = 64  # sinusoids of the noise level that the class-embedding table is a linear function of
+LEVEL_MIN_PERIOD = 40  # levels: their fastest sinusoid's period, so that neighbouring levels embed alike
 
 
 def level_table(cfg: Config, level_proj):
-    """The UNet's class-embedding table [max_noise_level + 1, D]: sinusoids of each level @ level_proj [F, D]."""
-    levels = jnp.arange(cfg.max_noise_level + 1)
-    return get_timestep_embedding(levels, LEVEL_FEATURES, flip_sin_to_cos=True, downscale_freq_shift=0) @ level_proj
+    """The UNet's class-embedding table [max_noise_level + 1, D]: sinusoids of each level @ level_proj [F, D].
+    The sinusoids' periods are log-spaced from LEVEL_MIN_PERIOD levels up to twice the level range (not from one
+    level, as a timestep embedding's: that would make neighbouring levels unrelated)."""
+    n = cfg.max_noise_level + 1
+    levels = jnp.arange(n, dtype=jnp.float32)
+    lo, hi = 0.5, max(1.0, n / LEVEL_MIN_PERIOD)  # cycles over the level range
+    phase = levels * (2 * math.pi * hi / n)
+    return get_timestep_embedding(phase, LEVEL_FEATURES, flip_sin_to_cos=True, downscale_freq_shift=0,
+                                  max_period=hi / lo) @ level_proj
 
 
 def unet_params(cfg: Config, params) -> dict:
