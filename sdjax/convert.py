@@ -198,10 +198,11 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=
                                                sorted(problems["dtype"]), sorted(problems["finite"]))
 
 
-RELEASE_BYTES = 512 * 2**20
+RELEASE_BYTES = 64 * 2**20
 
 
-def _batches(jobs, want, limit: int = RELEASE_BYTES):
+def _batches(jobs, want, limit: int | None = None):
+    limit = RELEASE_BYTES if limit is None else limit
     batch, size = [], 0
     for job in jobs:
         batch.append(job)

@@ -239,7 +239,8 @@ def check_output_dir(path, command: str, overwrite: bool = False, protect=(), ow
         raise SdjaxError(f"output {path} is a file, not a folder")
     previous = None
     if path.is_dir():
-        entries = [p.name for p in path.iterdir()]
+        # a temp file (another process's write probe, a write in flight) is never content
+        entries = [p.name for p in path.iterdir() if not p.name.endswith(TMP_SUFFIX)]
         if (path / OUTPUT_MARKER).is_file():
             try:
                 previous = json.loads((path / OUTPUT_MARKER).read_text())
@@ -272,3 +273,37 @@ def record_output(path, command: str, files=(), previous: dict | None = None, **
         if target.is_file() and target.parent.resolve() == path.resolve():
             target.unlink()
     write_json(path / OUTPUT_MARKER, {"command": command, "files": files, **extra})
+
+
+# ---------------------------------------------------------------- host memory (glibc malloc)
+_M_MMAP_THRESHOLD = -3
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def release_free_host_memory() -> bool:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim(0)`; a no-op elsewhere). Called after
+    weights are loaded: converting a checkpoint frees as much as it keeps, and glibc holds freed arenas."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
+
+
+def limit_host_heap(mmap_threshold: int = 1 << 20) -> bool:
+    """Serve allocations of `mmap_threshold` bytes or more with their own mappings, returned to the OS when
+    freed (glibc `mallopt(M_MMAP_THRESHOLD)`; it also stops glibc raising the threshold as large blocks are
+    freed, which keeps freed weight-sized blocks in the heap). Process-wide: the `sdjax` command calls it at
+    start; a program embedding sdjax decides for itself. Returns whether it applied."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
