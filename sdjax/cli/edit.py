@@ -21,7 +21,7 @@ EXAMPLES = {
              "  sdjax merge --image a.png --image b.png --series 8 --prompt \"\" --out series/   "
              "# weights 0 .. 1: strip.png, merge.gif",
     "upscale": "examples:\n  sdjax upscale --image small.png --prompt \"a red circle on a white background\" --out big/   "
-               "# the toy upscaler, 32x32 -> 64x64\n"
+               "# the toy upscaler, 32x32 -> 64x64 (not shipped yet: docs/cascade.md)\n"
                "  sdjax upscale --model stabilityai/stable-diffusion-x4-upscaler --image cat.png --prompt \"a cat\" "
                "--out big/\n(sample i uses seed + i, as stage 2 of `sdjax generate --cascade`: upscaling its "
                "stage1-000.png with the same seed redoes its image-000.png)",
