@@ -11,7 +11,7 @@ from .models import ControlNetModel
 from .pipelines import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline
 from .pipelines import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
                         FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
-                        Trajectory)
+                        FlaxStableDiffusionUpscalePipeline, Trajectory)
 from .pipelines import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLPipeline, load_pipeline
 from .schedulers import get_scheduler
 
@@ -19,4 +19,5 @@ __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", 
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
            "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
            "WeightsError", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline", "load_pipeline",
-           "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline"]
+           "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline",
+           "FlaxStableDiffusionUpscalePipeline"]

@@ -1,6 +1,8 @@
-"""Score a text-to-image model on "shapes" with a classifier trained on real images.
+"""Score a text-to-image model (or a cascade: the model, then an upscaler) on "shapes" with a classifier trained on
+real images.
 
     sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
+    sdjax train evaluate --cascade --noise-level 0 100 250 --out runs/eval_cascade   # text -> 32x32 -> 64x64
 
 1. A small Flax CNN learns (color, shape, background) from real "shapes" images (trained once, saved in
    --classifier-dir); its held-out accuracy is reported: it should be >= 98% before its scores are trusted.
@@ -26,7 +28,7 @@ import optax
 from flax import serialization
 
 from sdjax.io import write_json, write_png
-from sdjax.pipelines import FlaxStableDiffusionPipeline
+from sdjax.pipelines import FlaxStableDiffusionPipeline, FlaxStableDiffusionUpscalePipeline
 
 from . import data as data_lib
 
@@ -169,3 +171,97 @@ def evaluate(model_path, classifier_dir="runs/shapes_classifier", guidance=5.0, 
         save_grid(gen[:54 * min(per_caption, 2)], out / f"samples_g{guidance:g}.png")
         write_json(out / f"eval_g{guidance:g}.json", result)
     return result
+
+
+# ------------------------------------------------------------------------------------------------ cascades
+def bicubic(images_uint8: np.ndarray, size: int) -> np.ndarray:
+    """Plain bicubic upsampling (PIL) of [N, h, w, 3] uint8 to [N, size, size, 3]: the baseline of an upscaler."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images_uint8])
+
+
+def _scores(clf, images, labels, real_feats) -> dict:
+    feats, preds = predict(clf, images)
+    return {"adherence": accuracies(preds, labels), "fd_vs_real": frechet_distance(feats, real_feats)}
+
+
+def evaluate_cascade(model_path, upscaler_path, classifier_dir="runs/shapes_classifier", guidance=5.0, steps=25,
+                     per_caption=4, seed=0, upscaler_steps=25, upscaler_guidance=1.0, noise_levels=(100,),
+                     n_real=1000, out_dir=None) -> dict:
+    """Stage 1 at its own size, plain bicubic upsampling of its images, and the cascade at each noise level: color /
+    shape / background adherence read by the classifier of each size and FD against real images of that size.
+
+    Stage 1 is `evaluate`'s run (same seeds); its uint8 images are the upscaler's input (as PNGs would be)."""
+    from sdjax.pipelines.cascade import upscale
+
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(model_path)
+    up, up_params = FlaxStableDiffusionUpscalePipeline.from_pretrained(upscaler_path)
+    low, high = pipe.default_size, pipe.default_size * up.vae_scale_factor
+    clf_low = load_or_train_classifier(classifier_dir, low)
+    clf_high = load_or_train_classifier(classifier_dir, high)
+    real = {s: data_lib.shapes_dataset(n_real, seed=0, image_size=s, start=data_lib.HELD_OUT_START) for s in (low, high)}
+    real2 = {s: data_lib.shapes_dataset(per_caption * 54, seed=2, image_size=s, start=data_lib.HELD_OUT_START)
+             for s in (low, high)}
+    feats = {}
+    result = {"classifier_held_out_accuracy": {}, "fd_real_vs_real": {}}
+    for s, clf in ((low, clf_low), (high, clf_high)):
+        feats[s], preds = predict(clf, real[s].images)
+        result["classifier_held_out_accuracy"][str(s)] = accuracies(preds, real[s].labels)
+        result["fd_real_vs_real"][str(s)] = frechet_distance(predict(clf, real2[s].images)[0], feats[s])
+
+    combos = [combo for combo, _ in data_lib.all_shape_captions()] * per_caption
+    labels = np.array(combos)
+    captions = [data_lib.caption_for(*c) for c in combos]
+    t0 = time.time()
+    stage1 = generate(pipe, params, captions, seed=seed, guidance=guidance, steps=steps)
+    result["stage1_seconds"] = time.time() - t0
+    rows = {f"stage 1 ({low}x{low})": _scores(clf_low, stage1, labels, feats[low])}
+    upsampled = bicubic(stage1, high)
+    rows[f"bicubic ({high}x{high})"] = _scores(clf_high, upsampled, labels, feats[high])
+    cascades = {}
+    for level in noise_levels:
+        t0 = time.time()
+        images = []
+        for i in range(0, len(captions), 54):
+            batch = captions[i:i + 54]
+            out, _ = upscale(up, up_params, batch, stage1[i:i + 54].astype(np.float32) / 255.0,
+                             [seed + j for j in range(i, i + len(batch))], seed=seed + i, steps=upscaler_steps,
+                             guidance=upscaler_guidance, noise_level=level)
+            images.append(np.round(np.asarray(out.images) * 255).astype(np.uint8))
+        cascades[level] = np.concatenate(images)
+        name = f"cascade ({high}x{high}), noise level {level}"
+        rows[name] = _scores(clf_high, cascades[level], labels, feats[high]) | {"seconds": time.time() - t0}
+    result |= {"rows": rows, "model": str(model_path), "upscaler": str(upscaler_path), "guidance": guidance,
+               "steps": steps, "upscaler_steps": upscaler_steps, "upscaler_guidance": upscaler_guidance,
+               "noise_levels": list(noise_levels), "images": len(captions),
+               "upscaler_scheduler": type(up.scheduler).__name__}
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = f"g{guidance:g}_ug{upscaler_guidance:g}"
+        write_json(out / f"eval_cascade_{tag}.json", result)
+        n = 54 * min(per_caption, 2)
+        save_grid(upsampled[:n], out / f"bicubic_{tag}.png")
+        for level, images in cascades.items():
+            save_grid(images[:n], out / f"cascade_{tag}_nl{level}.png")
+        save_comparison(stage1, upsampled, cascades, out / f"comparison_{tag}.png")
+    return result
+
+
+def save_comparison(stage1, upsampled, cascades: dict, path, columns: int = 9, scale: int = 2):
+    """Rows: stage 1 (nearest-neighbour enlarged), its bicubic upsampling, the cascade at each noise level; `columns`
+    captions (the first image of each), each shown `scale` x."""
+    # caption c * 9 + s * 3 + b: every color, shape and background among the first 9 columns
+    idx = [(k % 6) * 9 + (k % 3) * 3 + (k // 3) % 3 for k in range(columns)]
+    size = upsampled.shape[1] * scale
+    nearest = lambda im: im.repeat(size // im.shape[0], 0).repeat(size // im.shape[1], 1)  # noqa: E731
+    rows = [stage1, upsampled, *cascades.values()]
+    gap = np.full((size, 4, 3), 255, np.uint8)
+    lines = []
+    for images in rows:
+        cells = []
+        for i in idx:
+            cells += [nearest(images[i]), gap]
+        lines += [np.concatenate(cells[:-1], axis=1), np.full((4, len(idx) * (size + 4) - 4, 3), 255, np.uint8)]
+    write_png(path, np.concatenate(lines[:-1], axis=0))

@@ -17,7 +17,7 @@ COMPLETION_STEPS = (1, 2, 4)  # K of the K-step DDIM completions (viz.completion
 
 # Lazy: `sdjax --help` imports this package; matplotlib and jax load only when a picture is made.
 _EXPORTS = {"render": "pictures", "Frames": "run", "VizData": "run", "choose_steps": "run", "decode": "run",
-            "from_output": "run", "from_shard": "run", "run_live": "run"}
+            "from_output": "run", "from_shard": "run", "run_live": "run", "run_live_cascade": "run"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -48,11 +48,17 @@ def completion_pipeline(pipe) -> FlaxStableDiffusionPipeline:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _complete(ddim_pipe, num_steps: int, params, prompt_ids, neg_prompt_ids, guidance, xs, t0s, alpha_bar0s):
-    """xs [S, B, C, h, w] in alpha space at (t0s, alpha_bar0s) [S] -> the clean samples after K DDIM steps."""
+def _complete(ddim_pipe, num_steps: int, params, prompt_ids, neg_prompt_ids, guidance, xs, t0s, alpha_bar0s,
+              extras=None):
+    """xs [S, B, C, h, w] in alpha space at (t0s, alpha_bar0s) [S] -> the clean samples after K DDIM steps.
+    extras: what the UNet saw besides the text ({"extra_channels": [B, c, h, w], "class_labels": [B]}), or None."""
     sched = ddim_pipe.scheduler
     context = ddim_pipe.text_context(params, prompt_ids, neg_prompt_ids)
-    model_fn = ddim_pipe.guided_model(params, context, guidance)
+    extras = extras or {}
+    labels = extras.get("class_labels")
+    unet_inputs = None if labels is None else (lambda x, t, i: {"class_labels": jnp.concatenate([labels, labels])})
+    model_fn = ddim_pipe.guided_model(params, context, guidance, extra_channels=extras.get("extra_channels"),
+                                      unet_inputs=unet_inputs)
 
     def complete_one(x, t0, alpha_bar0):
         ts, abar = completion_timesteps(t0, alpha_bar0, sched.alphas_cumprod, num_steps)
@@ -73,9 +79,11 @@ def ddim_completions(pipe, params, data, steps: list[int], num_steps: int = 4) -
     xs = data.noisy_latents()[idx]                       # alpha space
     t0s = data.timesteps[idx].astype(np.float32)
     ab0s = data.alpha_bar[idx].astype(np.float32)
-    ids = pipe.prepare_inputs(data.prompts)
+    ddim_pipe = completion_pipeline(pipe)  # a text-to-image pipeline over pipe's modules (an upscaler's too)
+    ids = ddim_pipe.prepare_inputs(data.prompts)
     # the trajectory's unconditional half: the empty prompt's embeddings, or SDXL's zeros (force_zeros_for_empty_prompt)
-    neg = None if getattr(pipe, "force_zeros_for_empty_prompt", False) else pipe.unconditional_ids(len(data.prompts))
+    neg = None if getattr(pipe, "force_zeros_for_empty_prompt", False) else ddim_pipe.unconditional_ids(len(data.prompts))
     guidance = jnp.full((len(data.prompts),), data.settings.get("guidance_scale", 7.5), jnp.float32)
-    out = _complete(completion_pipeline(pipe), int(num_steps), params, ids, neg, guidance, xs, t0s, ab0s)
+    extras = None if data.unet_extras is None else {k: jnp.asarray(v) for k, v in data.unet_extras.items()}
+    out = _complete(ddim_pipe, int(num_steps), params, ids, neg, guidance, xs, t0s, ab0s, extras)
     return np.asarray(out, np.float32)

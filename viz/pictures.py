@@ -40,7 +40,10 @@ def render(pipe, params, data, out_dir, *, columns: int = 8, completion_steps: i
     chunk = decode_chunk(h or pipe.default_size, w or pipe.default_size)
     frames = decode(pipe, params["vae"], data, chunk_size=chunk)
     completions = completion_images = None
-    if completion_steps and pipe.unet.in_channels != pipe.vae.latent_channels:
+    extras = getattr(data, "unet_extras", None) or {}
+    extra = extras["extra_channels"].shape[1] if "extra_channels" in extras else 0
+    if completion_steps and pipe.unet.in_channels != pipe.vae.latent_channels + extra:
+        # an upscaler's run carries its extra channels (the noised low-resolution image) for the completions
         note(f"no {completion_steps}-step DDIM completions: this UNet also takes a mask and image latents "
              f"({pipe.unet.in_channels} input channels), which a completion from x_t alone does not have")
         completion_steps = 0

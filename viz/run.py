@@ -32,6 +32,9 @@ class VizData:
     sigma_space: bool
     settings: dict               # steps, guidance_scale, scheduler, height, width, (model)
     attention_maps: np.ndarray | None = None  # [T, B, h, w, L] cross-attention per token (live runs only)
+    # what else the UNet saw besides the text (an upscaler: the noised low-resolution image [B, 3, h, w] as
+    # "extra_channels" and its noise level [B] as "class_labels"), for the K-step completions
+    unet_extras: dict | None = None
 
     @property
     def num_steps(self) -> int:
@@ -182,3 +185,32 @@ def choose_steps(num_steps: int, columns: int) -> tuple[list[int], str | None]:
         return [num_steps - 1], note
     steps = sorted({int(round(x)) for x in np.linspace(0, num_steps - 1, columns)})
     return steps, note
+
+
+def run_live_cascade(base, base_params, upscaler, upscaler_params, prompts: list[str], *, seed: int = 0,
+                     steps: int = 25, guidance: float = 5.0, upscaler_steps: int = 25, upscaler_guidance: float = 1.0,
+                     noise_level: int = 100, attentions: bool = False, settings_extra: dict | None = None):
+    """A cascade (text -> base -> upscaler) with both trajectories: (stage 1's VizData, stage 2's VizData). Stage 1
+    is the run `run_live` makes with the same seed; stage 2's data carries the upscaler's conditioning."""
+    import jax.numpy as jnp
+
+    from sdjax.pipelines.cascade import run_cascade
+
+    if not prompts:
+        raise SdjaxError("no prompt given (--prompt TEXT)")
+    out = run_cascade(base, base_params, upscaler, upscaler_params, list(prompts), seed=seed, steps=steps,
+                      guidance=guidance, upscaler_steps=upscaler_steps, upscaler_guidance=upscaler_guidance,
+                      noise_level=noise_level, return_trajectory=True, output_attentions=attentions)
+    h, w = out.low_res.shape[1:3]
+    common = {"seed": seed, **(settings_extra or {})}
+    first = from_output(base, out.stage1, prompts, seeds=out.seeds, settings={
+        "steps": steps, "guidance_scale": guidance, "height": h, "width": w, **common})
+    levels = np.broadcast_to(np.asarray(noise_level, np.int32), (len(prompts),))
+    image = jnp.transpose(2.0 * out.low_res - 1.0, (0, 3, 1, 2))
+    noised = np.asarray(upscaler.noised_low_res(image, jnp.asarray(out.low_res_noise), jnp.asarray(levels)))
+    second = from_output(upscaler, out.stage2, prompts, seeds=out.seeds, settings={
+        "steps": upscaler_steps, "guidance_scale": upscaler_guidance, "height": out.images.shape[1],
+        "width": out.images.shape[2], "noise_level": int(levels[0]) if np.all(levels == levels[0]) else levels.tolist(),
+        **common})
+    second.unet_extras = {"extra_channels": noised, "class_labels": levels}
+    return first, second

@@ -1,5 +1,6 @@
 """Files shipped with sdjax: the trained toy LDM (`toy-shapes/`), the offline default model, and its silhouette
-ControlNet (`toy-shapes-controlnet/`, a diffusers ControlNet folder: `sdjax train controlnet`)."""
+ControlNet (`toy-shapes-controlnet/`, a diffusers ControlNet folder: `sdjax train controlnet`). The toy cascade's
+second stage (`toy-shapes-upscaler/`, 32x32 -> 64x64) has its place here but is not shipped yet (docs/cascade.md)."""
 
 from pathlib import Path
 
@@ -7,6 +8,11 @@ from ..errors import SdjaxError
 
 TOY_MODEL = Path(__file__).parent / "toy-shapes"
 TOY_CONTROLNET = Path(__file__).parent / "toy-shapes-controlnet"
+TOY_UPSCALER = Path(__file__).parent / "toy-shapes-upscaler"
+
+#: how the toy cascade runs its upscaler by default (--cascade, or sdjax upscale without --model); to be chosen by
+#: `sdjax train evaluate --cascade --noise-level ...` once a toy upscaler is trained (docs/cascade.md)
+TOY_UPSCALER_SETTINGS = {"steps": 25, "guidance": 1.0, "noise_level": 100}
 
 
 def toy_model_path() -> Path:
@@ -20,3 +26,11 @@ def toy_controlnet_path() -> Path:
         raise SdjaxError(f"the shipped toy ControlNet is missing from {TOY_CONTROLNET}; reinstall sdjax, or pass "
                          "--controlnet")
     return TOY_CONTROLNET
+
+
+def toy_upscaler_path() -> Path:
+    if not (TOY_UPSCALER / "model_index.json").is_file():
+        raise SdjaxError(f"no toy upscaler in {TOY_UPSCALER}: this sdjax ships none yet (docs/cascade.md: how to "
+                         "train one, and why it is not shipped); pass an upscaler folder instead (--upscaler PATH, "
+                         "--model PATH for sdjax upscale)")
+    return TOY_UPSCALER

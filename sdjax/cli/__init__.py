@@ -1,4 +1,4 @@
-"""The `sdjax` command: generate, img2img, inpaint, merge, trajectories, viz, demo, train.
+"""The `sdjax` command: generate, img2img, inpaint, merge, upscale, trajectories, viz, demo, train.
 
 The CLI is the top layer: it composes the core (sdjax.pipelines, sdjax.trajectories), sdjax.viz and
 sdjax.train; nothing below imports it. `run_command` is the one error boundary of every command.

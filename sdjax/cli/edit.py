@@ -1,14 +1,16 @@
-"""`sdjax img2img`, `sdjax inpaint`, `sdjax merge`: image-conditioned generation from the command line."""
+"""`sdjax img2img`, `sdjax inpaint`, `sdjax merge`, `sdjax upscale`: image-conditioned generation from the command
+line."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from ..errors import SdjaxError
-from .args import finite_float, positive_int, unit_interval
-from .generate import add_model_args, add_out_args, load_pipeline, negative_ids
+from .args import finite_float, positive_int, seed, unit_interval
+from .generate import DTYPES, SCHEDULER_NAMES, add_model_args, add_out_args, load_pipeline, negative_ids
 
 EXAMPLES = {
     "img2img": "example:\n  sdjax img2img --image photo.png --prompt \"a blue square on a black background\" "
@@ -18,6 +20,11 @@ EXAMPLES = {
     "merge": "examples:\n  sdjax merge --image a.png --image b.png --weights 0.3,0.7 --out merged/\n"
              "  sdjax merge --image a.png --image b.png --series 8 --prompt \"\" --out series/   "
              "# weights 0 .. 1: strip.png, merge.gif",
+    "upscale": "examples:\n  sdjax upscale --image small.png --prompt \"a red circle on a white background\" --out big/   "
+               "# the toy upscaler, 32x32 -> 64x64 (not shipped yet: docs/cascade.md)\n"
+               "  sdjax upscale --model stabilityai/stable-diffusion-x4-upscaler --image cat.png --prompt \"a cat\" "
+               "--out big/\n(sample i uses seed + i, as stage 2 of `sdjax generate --cascade`: upscaling its "
+               "stage1-000.png with the same seed redoes its image-000.png)",
 }
 
 
@@ -49,6 +56,30 @@ def add_commands(sub) -> None:
                    help="two images: N merges with the weight of the second going 0 .. 1 (strip.png, merge.gif)")
     _add_common(m, strength_default=0.8, prompt_required=False)
     m.set_defaults(func=cmd_merge)
+
+    u = sub.add_parser("upscale", help="low-resolution image + text -> an image the upscaler's factor larger",
+                       epilog=EXAMPLES["upscale"], formatter_class=formatter)
+    u.add_argument("--model", default=None,
+                   help="diffusers-format upscaler folder or hub repo id (StableDiffusionUpscalePipeline; default: "
+                        "the shipped toy upscaler, 32x32 -> 64x64)")
+    u.add_argument("--image", required=True, help="the low-resolution image (PNG/JPEG); its size x the factor is "
+                                                  "the output's")
+    u.add_argument("--prompt", default="", help="what the image shows (default: none)")
+    u.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
+    u.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                   help="sampling method (default: the folder's own scheduler)")
+    u.add_argument("--steps", type=positive_int, default=None,
+                   help="inference steps (default: 25 for the toy upscaler, 75 otherwise)")
+    u.add_argument("--guidance", type=finite_float, default=None,
+                   help="guidance scale (default: 1 for the toy upscaler, 9 otherwise)")
+    u.add_argument("--noise-level", type=int, default=None,
+                   help="noise added to the image first, 0 .. the folder's max_noise_level (default: 100 for the toy "
+                        "upscaler, 20 otherwise); more: more invented detail, less fidelity to the input")
+    u.add_argument("--num-images", type=positive_int, default=1, help="images (default: 1; image i: seed + i)")
+    u.add_argument("--seed", type=seed, default=0, help="random seed; sample i uses seed + i (default: 0)")
+    u.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and parameter dtype (default: float32)")
+    add_out_args(u)
+    u.set_defaults(func=cmd_upscale)
 
 
 def _add_common(p, strength_default: float, prompt_required: bool = True) -> None:
@@ -240,3 +271,40 @@ def _write_series(out: Path, series, originals) -> list[str]:
     atomic_write(out / "merge.gif", lambda f: pil[0].save(f, format="GIF", save_all=True, append_images=pil[1:],
                                                           duration=200, loop=0))
     return ["strip.png", "merge.gif"]
+
+
+def cmd_upscale(args) -> None:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ..assets import TOY_UPSCALER_SETTINGS, toy_upscaler_path
+    from ..io import check_output_dir
+    from ..pipelines import FlaxStableDiffusionUpscalePipeline
+    from ..pipelines.cascade import upscale
+    from ..seeds import sample_seeds
+
+    from ..images import load_image
+
+    image = np.asarray(load_image(args.image), np.float32) / 255.0
+    previous = check_output_dir(args.out, "sdjax upscale", overwrite=args.overwrite)
+    toy = args.model is None
+    model = str(toy_upscaler_path()) if toy else args.model
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
+    print(f"loading {model} ...", file=sys.stderr)
+    pipe, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(model, dtype=dtype, scheduler=args.scheduler)
+    steps = pipe.check_steps(args.steps if args.steps is not None else (TOY_UPSCALER_SETTINGS["steps"] if toy else 75))
+    guidance = args.guidance if args.guidance is not None else (TOY_UPSCALER_SETTINGS["guidance"] if toy else 9.0)
+    level = args.noise_level if args.noise_level is not None else (TOY_UPSCALER_SETTINGS["noise_level"] if toy else 20)
+    pipe.check_noise_level(level, (1,))
+    h, w = image.shape[:2]
+    pipe._low_res_size(np.zeros((1, 3, h, w)), jit=False)  # the image's size suits the UNet, before anything runs
+    n = args.num_images
+    t0 = time.perf_counter()
+    out, _ = upscale(pipe, params, [args.prompt] * n, np.repeat(image[None], n, axis=0), sample_seeds(args.seed, range(n)),
+                     negative_prompt=args.negative_prompt, seed=args.seed, steps=steps, guidance=guidance,
+                     noise_level=level)
+    f = pipe.vae_scale_factor
+    _finish(args, pipe, out.images, "image", {
+        "model": model, "image": str(args.image), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+        "noise_level": level, "steps": steps, "guidance_scale": guidance, "seed": args.seed, "height": h * f,
+        "width": w * f, "num_images": n}, previous, t0)

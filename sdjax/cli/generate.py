@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import InputError, SdjaxError
 from .args import add_distributed_args, finite_float, init_distributed, positive_int, seed
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
@@ -51,6 +52,7 @@ def add_commands(sub) -> None:
                    help="control_guidance_end: the fraction of the steps after which it stops (default: 1)")
     c.add_argument("--guess-mode", action="store_true",
                    help="the ControlNets steer only the prompt's half of classifier-free guidance (diffusers' guess mode)")
+    add_upscaler_args(g)
     add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -63,6 +65,49 @@ def add_commands(sub) -> None:
     add_out_args(t, "output folder (rerun the same command to resume)")
     add_distributed_args(t)
     t.set_defaults(func=cmd_trajectories)
+
+
+def add_upscaler_args(p: argparse.ArgumentParser) -> None:
+    """A second stage: an upscaler run on the model's images (a cascade, each stage its own compiled program)."""
+    u = p.add_mutually_exclusive_group()
+    u.add_argument("--upscaler", default=None, metavar="PATH",
+                   help="diffusers-format upscaler folder or hub repo id (StableDiffusionUpscalePipeline): upscale "
+                        "the images with it, writing both stages' images (default: none)")
+    u.add_argument("--cascade", action="store_true",
+                   help="the shipped toy upscaler (32x32 -> 64x64), for the toy model: text -> 32x32 -> 64x64")
+    p.add_argument("--upscaler-steps", type=positive_int, default=None,
+                   help="the upscaler's inference steps (default: 25 for the toy upscaler, 75 otherwise)")
+    p.add_argument("--upscaler-guidance", type=finite_float, default=None,
+                   help="the upscaler's guidance scale (default: 1 for the toy upscaler, 9 otherwise)")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="noise added to the low-resolution images before upscaling, 0 .. the upscaler's "
+                        "max_noise_level (default: 100 for the toy upscaler, 20 otherwise, as diffusers)")
+
+
+def load_upscaler(args, dtype_name: str):
+    """(upscaler pipeline, params, path, steps, guidance, noise level) of --upscaler / --cascade, or None."""
+    if not (args.upscaler or args.cascade):
+        for flag in ("upscaler_steps", "upscaler_guidance", "noise_level"):
+            if getattr(args, flag) is not None:
+                raise SdjaxError(f"--{flag.replace('_', '-')} needs --upscaler PATH or --cascade")
+        return None
+    import jax.numpy as jnp
+
+    from ..assets import TOY_UPSCALER, TOY_UPSCALER_SETTINGS, toy_upscaler_path
+    from ..pipelines import FlaxStableDiffusionUpscalePipeline
+
+    path = str(toy_upscaler_path()) if args.cascade else args.upscaler
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype_name]
+    print(f"loading {path} ...", file=sys.stderr)
+    up, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype)
+    toy = args.cascade or Path(path).resolve() == TOY_UPSCALER.resolve()
+    steps = args.upscaler_steps if args.upscaler_steps is not None else (TOY_UPSCALER_SETTINGS["steps"] if toy else 75)
+    guidance = args.upscaler_guidance if args.upscaler_guidance is not None else (
+        TOY_UPSCALER_SETTINGS["guidance"] if toy else 9.0)
+    level = args.noise_level if args.noise_level is not None else (TOY_UPSCALER_SETTINGS["noise_level"] if toy else 20)
+    up.check_noise_level(level, (1,))
+    up.check_steps(steps)
+    return up, params, path, steps, guidance, level
 
 
 def add_out_args(p: argparse.ArgumentParser, help: str = "output folder", required: bool = True, default=None) -> None:
@@ -116,13 +161,19 @@ def cmd_generate(args) -> None:
 
     control = check_control_args(args)
     previous = check_output_dir(args.out, "sdjax generate", overwrite=args.overwrite)
+    upscaler = load_upscaler(args, args.dtype)
     if control:
+        if upscaler is not None:
+            raise InputError("--controlnet with --upscaler/--cascade is not supported: run sdjax upscale on the "
+                             "controlled images")
         from ..pipelines import FlaxStableDiffusionControlNetPipeline
 
         pipe, params, model, steps, guidance = load_pipeline(args, pipeline_cls=FlaxStableDiffusionControlNetPipeline,
                                                              controlnet=list(args.controlnet))
     else:
         pipe, params, model, steps, guidance = load_pipeline(args)
+    if upscaler is not None:
+        return _generate_cascade(args, previous, pipe, params, model, steps, guidance, upscaler)
     out = Path(args.out)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
     neg = negative_ids(pipe, args.negative_prompt, args.num_images)
@@ -236,3 +287,41 @@ def cmd_trajectories(args) -> None:
               "rerun the same command to resume")
     else:
         print(f"{len(manifest['shards'])} shard(s) for {len(prompts)} prompts in {args.out} (manifest.json)")
+
+
+def _generate_cascade(args, previous, pipe, params, model, steps, guidance, upscaler) -> None:
+    """text -> the model's images (stage1-NNN.png) -> the upscaler's (image-NNN.png): two compiled programs."""
+    import numpy as np
+
+    from ..io import record_output, write_json, write_png
+    from ..pipelines.cascade import run_cascade
+
+    up, up_params, up_path, up_steps, up_guidance, level = upscaler
+    out = Path(args.out)
+    height = pipe.default_size if args.height is None else args.height
+    width = pipe.default_size if args.width is None else args.width
+    t0 = time.perf_counter()
+    result = run_cascade(pipe, params, up, up_params, [args.prompt] * args.num_images,
+                         negative_prompt=args.negative_prompt, seed=args.seed, steps=steps, guidance=guidance,
+                         upscaler_steps=up_steps, upscaler_guidance=up_guidance, noise_level=level, height=height,
+                         width=width)
+    low, images = np.asarray(result.low_res), np.asarray(result.images)
+    seconds = time.perf_counter() - t0
+    files = []
+    for i, (a, b) in enumerate(zip(low, images)):
+        for name, img in ((f"stage1-{i:03d}.png", a), (f"image-{i:03d}.png", b)):
+            write_png(out / name, img)
+            files.append(name)
+    write_json(out / "settings.json", {
+        "model": model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": steps,
+        "guidance_scale": guidance, "seed": args.seed, "height": images.shape[1], "width": images.shape[2],
+        "scheduler": pipe.scheduler.name, "dtype": args.dtype, "num_images": args.num_images,
+        "images": [f for f in files if f.startswith("image-")],
+        "stage1": {"height": low.shape[1], "width": low.shape[2], "images": [f for f in files if f.startswith("stage1-")]},
+        "upscaler": {"model": up_path, "steps": up_steps, "guidance_scale": up_guidance, "noise_level": level,
+                     "scheduler": up.scheduler.name},
+        "seconds_including_compile": round(seconds, 3),
+    })
+    record_output(out, "sdjax generate", files + ["settings.json"], previous)
+    print(f"wrote {args.num_images} stage-1 image(s) ({low.shape[1]}x{low.shape[2]}, stage1-*.png), their upscaled "
+          f"version(s) ({images.shape[1]}x{images.shape[2]}, image-*.png) and settings.json to {out}")

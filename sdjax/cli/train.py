@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 
+from ..errors import SdjaxError
 from .args import finite_float, positive_float, positive_int, seed
 
 # stage name -> (module under sdjax.train, the shipped config it trains by default)
@@ -22,6 +23,7 @@ STAGES = {
     "autoencoder": ("autoencoder", "shapes_autoencoder"),
     "ldm": ("ldm", "shapes_ldm"),
     "controlnet": ("controlnet", "shapes_controlnet"),
+    "upscaler": ("upscaler", "shapes_upscaler"),  # the toy cascade's stage 2 (32x32 -> 64x64)
 }
 
 
@@ -40,8 +42,8 @@ def add_commands(sub) -> None:
                        help="stop at this step (checkpointed); rerun to go on")
         s.set_defaults(func=cmd_stage, command_path=["train", name])
 
-    e = stages.add_parser("export", help="write a stage-2 workdir's model as a diffusers pipeline folder")
-    e.add_argument("--workdir", required=True, help="a stage-2 (sdjax train ldm) workdir")
+    e = stages.add_parser("export", help="write a stage-2 or upscaler workdir's model as a diffusers pipeline folder")
+    e.add_argument("--workdir", required=True, help="a stage-2 (sdjax train ldm) or sdjax train upscaler workdir")
     e.add_argument("--out", required=True, help="the pipeline folder to write")
     e.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
@@ -58,6 +60,14 @@ def add_commands(sub) -> None:
     v.add_argument("--per-caption", type=positive_int, default=4)
     v.add_argument("--seed", type=seed, default=0)
     v.add_argument("--out", default=None, help="folder for eval_g*.json and sample grids")
+    u = v.add_mutually_exclusive_group()
+    u.add_argument("--upscaler", default=None, metavar="PATH",
+                   help="evaluate the cascade model -> this upscaler against bicubic upsampling (eval_cascade_*.json)")
+    u.add_argument("--cascade", action="store_true", help="--upscaler with the shipped toy upscaler")
+    v.add_argument("--noise-level", type=int, nargs="+", default=None,
+                   help="the upscaler's noise level(s), one row each (default: the toy upscaler's)")
+    v.add_argument("--upscaler-steps", type=positive_int, default=None)
+    v.add_argument("--upscaler-guidance", type=finite_float, default=None)
     v.set_defaults(func=cmd_evaluate, command_path=["train", "evaluate"])
 
     c = stages.add_parser("compression-study", help="the LDM paper's compression-factor study at equal wall-clock")
@@ -91,8 +101,11 @@ def cmd_stage(args) -> None:
 def cmd_export(args) -> None:
     import jax.numpy as jnp
 
+    from ..train import upscaler
     from ..train.ldm import export_from_workdir
 
+    if upscaler.is_upscaler_workdir(args.workdir):
+        export_from_workdir = upscaler.export_from_workdir
     out = export_from_workdir(args.workdir, args.out, dtype=jnp.dtype(args.dtype), use_ema=not args.no_ema,
                               overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -108,6 +121,11 @@ def cmd_evaluate(args) -> None:
     _logging()
     model = args.model or toy_model_path()
     files = set((previous or {}).get("files", []))
+    if args.upscaler or args.cascade:
+        return _evaluate_cascade(args, model, files)
+    for flag in ("noise_level", "upscaler_steps", "upscaler_guidance"):
+        if getattr(args, flag) is not None:
+            raise SdjaxError(f"--{flag.replace('_', '-')} needs --upscaler PATH or --cascade")
     for g in args.guidance:
         print(json.dumps(evaluate(model, args.classifier_dir, g, args.steps, args.per_caption, args.seed,
                                   out_dir=args.out), indent=2))
@@ -124,3 +142,24 @@ def cmd_compression_study(args) -> None:
     report = run_study(args.out, args.factors, args.image_size, args.ae_seconds, args.ldm_seconds, args.per_caption,
                        args.classifier_dir, args.report)
     print(f"wrote {report} and {report.with_suffix('.png')}")
+
+
+def _evaluate_cascade(args, model, files) -> None:
+    from ..assets import TOY_UPSCALER_SETTINGS, toy_upscaler_path
+    from ..io import record_output
+    from ..train.evaluate import evaluate_cascade
+
+    upscaler = str(toy_upscaler_path()) if args.cascade else args.upscaler
+    levels = args.noise_level or [TOY_UPSCALER_SETTINGS["noise_level"]]
+    steps = args.upscaler_steps or TOY_UPSCALER_SETTINGS["steps"]
+    up_guidance = TOY_UPSCALER_SETTINGS["guidance"] if args.upscaler_guidance is None else args.upscaler_guidance
+    for g in args.guidance:
+        result = evaluate_cascade(model, upscaler, args.classifier_dir, g, args.steps, args.per_caption, args.seed,
+                                  upscaler_steps=steps, upscaler_guidance=up_guidance, noise_levels=levels,
+                                  out_dir=args.out)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            tag = f"g{g:g}_ug{up_guidance:g}"
+            files |= {f"eval_cascade_{tag}.json", f"bicubic_{tag}.png", f"comparison_{tag}.png"}
+            files |= {f"cascade_{tag}_nl{level}.png" for level in levels}
+            record_output(args.out, "sdjax train evaluate", sorted(files))

@@ -11,7 +11,7 @@ from ..errors import SdjaxError
 from ..io import check_output_dir, record_output
 from ..viz import COMPLETION_STEPS
 from .args import positive_int, unit_interval
-from .generate import add_model_args, add_out_args, load_pipeline
+from .generate import add_model_args, add_out_args, add_upscaler_args, load_pipeline, load_upscaler
 # Captions of the toy model's training set ("a {color} {shape} on a {background} background").
 DEMO_PROMPTS = (
     "a red circle on a white background",
@@ -48,6 +48,7 @@ def add_commands(subparsers) -> None:
                    help="draw from a shard written by `sdjax trajectories` instead of running the model "
                         "(no attention maps)")
     _add_viz_options(v)
+    add_upscaler_args(v)  # a cascade: stage 2's pictures go to OUT/stage2/
     add_out_args(v)
     v.set_defaults(func=cmd_viz)
 
@@ -75,9 +76,15 @@ def _live(args, prompts: list[str], command: str) -> None:
 
     t0 = time.perf_counter()
     previous = check_output_dir(args.out, command, overwrite=args.overwrite, own_files=VIZ_FILES)
+    upscaler = load_upscaler(args, args.dtype) if hasattr(args, "upscaler") else None
     pipe, params, model, steps, guidance = load_pipeline(args)
     tokens = _tokens(args)
     select_words(pipe.tokenizer, prompts, tokens)  # a wrong --tokens fails before the model runs
+    if upscaler is not None:
+        if getattr(args, "image", None) or getattr(args, "mask", None) or getattr(args, "strength", None) is not None:
+            raise SdjaxError("--image/--mask/--strength and --upscaler/--cascade cannot be combined")
+        return _live_cascade(args, prompts, command, t0, previous, pipe, params, model, steps, guidance, upscaler,
+                             tokens)
     print(f"sampling {len(prompts)} prompt(s), {steps} steps ...", file=sys.stderr)
     image = mask = None
     if getattr(args, "image", None):
@@ -107,6 +114,8 @@ def cmd_viz(args) -> None:
     t0 = time.perf_counter()
     if args.prompt:
         raise SdjaxError("--prompt and --shard cannot be combined: the shard holds its own prompts")
+    if args.upscaler or args.cascade:
+        raise SdjaxError("--upscaler/--cascade need a live run (--prompt TEXT), not --shard")
     if args.image or args.mask or args.strength is not None:
         raise SdjaxError("--image/--mask/--strength and --shard cannot be combined: the shard holds its run")
     previous = check_output_dir(args.out, "sdjax viz", overwrite=args.overwrite, own_files=VIZ_FILES)
@@ -128,3 +137,34 @@ def cmd_viz(args) -> None:
 
 def cmd_demo(args) -> None:
     _live(args, list(DEMO_PROMPTS), "sdjax demo")
+
+
+def _live_cascade(args, prompts, command, t0, previous, pipe, params, model, steps, guidance, upscaler, tokens):
+    """Both stages of a cascade: stage 1's pictures in OUT/ (as `sdjax viz` without an upscaler), the upscaler's
+    in OUT/stage2/ (its completions see the same noised low-resolution image and noise level as its run)."""
+    from ..viz import render, run_live_cascade
+
+    up, up_params, up_path, up_steps, up_guidance, level = upscaler
+    if args.height is not None or args.width is not None:
+        print("note: --height/--width ignored in a cascade: stage 1 runs at its model's size", file=sys.stderr)
+    print(f"sampling {len(prompts)} prompt(s): {steps} steps, then {up_steps} upscaler steps ...", file=sys.stderr)
+    first, second = run_live_cascade(pipe, params, up, up_params, prompts, seed=args.seed, steps=steps,
+                                     guidance=guidance, upscaler_steps=up_steps, upscaler_guidance=up_guidance,
+                                     noise_level=level, attentions=True, settings_extra={"model": model})
+    second.settings["model"] = up_path
+    print("rendering ...", file=sys.stderr)
+    out = Path(args.out)
+    files = render(pipe, params, first, out, columns=args.columns, completion_steps=args.completion_steps,
+                   tokens=tokens,
+                   title=rf"Stage 1, {first.settings['height']}x{first.settings['width']}: $\hat{{x}}_0$ per step "
+                         rf"({pipe.scheduler.name}, {steps} steps, g {guidance:g})")
+    stage2 = render(up, up_params, second, out / "stage2", columns=args.columns,
+                    completion_steps=args.completion_steps,
+                    title=rf"Stage 2, {second.settings['height']}x{second.settings['width']}: $\hat{{x}}_0$ per step "
+                          rf"({up.scheduler.name}, {up_steps} steps, g {up_guidance:g}, noise level {level})")
+    files |= {f"stage2_{k}": v for k, v in stage2.items()}
+    names = [str(Path(f).relative_to(out)) for f in files.values()]
+    record_output(out, command, names, previous)
+    print(f"wrote to {out.resolve()} in {time.perf_counter() - t0:.1f} s:")
+    for path in files.values():
+        print(f"  {Path(path).resolve()}")

@@ -40,13 +40,17 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm block: self-attention, cross-attention on the text, GEGLU feed-forward; each residual."""
+    """Pre-LayerNorm block: self-attention, cross-attention on the text, GEGLU feed-forward; each residual.
+
+    only_cross_attention: attn1 attends to the text too instead of to the pixels (diffusers' flag; the SD x4
+    upscaler's high-resolution blocks), so neither attention layer is self-attention."""
 
     dim: int
     num_attention_heads: int
     attention_head_dim: int
     cross_attention_dim: int | None = None
     upcast_attention: bool = False
+    only_cross_attention: bool = False
     norm_eps: float = 1e-5
     attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
@@ -62,7 +66,10 @@ class BasicTransformerBlock(nn.Module):
                              sow_probs=sow, attention_kernel=self.attention_kernel, dtype=self.dtype, name=name)
 
         # Self-attention never sows: its [HW, HW] maps are large and the visualization wants text maps only.
-        x = x + attention("attn1", None, sow=False)(layer_norm("norm1")(x))
+        if self.only_cross_attention:
+            x = x + attention("attn1", self.cross_attention_dim, sow=False)(layer_norm("norm1")(x), context)
+        else:
+            x = x + attention("attn1", None, sow=False)(layer_norm("norm1")(x))
         x = x + attention("attn2", self.cross_attention_dim, sow=True)(layer_norm("norm2")(x), context)
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm("norm3")(x))
         return x
@@ -83,6 +90,7 @@ class Transformer2DModel(nn.Module):
     norm_num_groups: int = 32
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    only_cross_attention: bool = False
     attention_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
@@ -105,6 +113,7 @@ class Transformer2DModel(nn.Module):
             x = BasicTransformerBlock(inner_dim, self.num_attention_heads, self.attention_head_dim,
                                       cross_attention_dim=self.cross_attention_dim,
                                       upcast_attention=self.upcast_attention,
+                                      only_cross_attention=self.only_cross_attention,
                                       attention_kernel=self.attention_kernel, dtype=self.dtype,
                                       name=f"transformer_blocks_{i}")(x, context)
         x = proj_out(x.reshape(b, h, w, inner_dim))

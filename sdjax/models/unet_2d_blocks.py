@@ -59,6 +59,7 @@ class CrossAttnDownBlock2D(nn.Module):
     downsample_padding: int = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    only_cross_attention: bool = False
     attention_kernel: str = "auto"
     conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
@@ -161,6 +162,7 @@ class CrossAttnUpBlock2D(nn.Module):
     add_upsample: bool = True
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    only_cross_attention: bool = False
     attention_kernel: str = "auto"
     conv_kernel: str = "auto"
     dtype: jnp.dtype = jnp.float32
@@ -194,5 +196,6 @@ def _transformer(block, name: str) -> Transformer2DModel:
         num_layers=block.transformer_layers_per_block, cross_attention_dim=block.cross_attention_dim,
         norm_num_groups=block.resnet_groups, use_linear_projection=block.use_linear_projection,
         upcast_attention=block.upcast_attention, attention_kernel=block.attention_kernel, dtype=block.dtype,
+        only_cross_attention=getattr(block, "only_cross_attention", False),  # the mid block has none
         name=name,
     )

@@ -5,6 +5,8 @@
     # SDXL (addition_embed_type="text_time"): the pooled text embedding and the size/crop conditioning
     eps = unet.apply({"params": params}, latents_nchw, t, text_embeddings,
                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})  # [B, D], [B, n]
+    # class labels (num_class_embeds; the SD x4 upscaler's noise level): int [B]
+    eps = unet.apply({"params": params}, latents_nchw, t, text_embeddings, class_labels=noise_level)
 
 Inputs and output are NCHW like diffusers; the network runs in NHWC (what XLA's convolutions want).
 Cross-attention maps: `unet.apply(..., mutable=["attention_probs"])` returns (eps, {"attention_probs": ...}).
@@ -60,6 +62,9 @@ class UNetEncoderMixin:
     `mid_block`). A plain mixin, not a Linen module: Flax wraps only a module class's own methods.
     """
 
+    #: whether the model runs `only_cross_attention` blocks (the UNet does; the ControlNet refuses them, untested)
+    _only_cross_attention_supported: ClassVar[bool] = False
+
     def _refuse(self, key, value, supported):
         raise ConfigError(f"{type(self).__name__}: config key {key!r} = {value!r} is not supported "
                           f"(supported: {supported})")
@@ -81,7 +86,7 @@ class UNetEncoderMixin:
             if value not in allowed:
                 self._refuse(key, value, ", ".join(repr(a) for a in allowed))
         self._check_block_types("down_block_types", DOWN_BLOCK_TYPES)
-        if any(self._for_blocks("only_cross_attention")):
+        if any(self._for_blocks("only_cross_attention")) and not self._only_cross_attention_supported:
             self._refuse("only_cross_attention", self.only_cross_attention, "False")
         if self.norm_num_groups is None:
             self._refuse("norm_num_groups", None, "an int")
@@ -146,7 +151,8 @@ class UNetEncoderMixin:
                 x, block_skips = CrossAttnDownBlock2D(
                     **common, transformer_layers_per_block=tlayers[i], num_attention_heads=heads[i],
                     cross_attention_dim=cross_dims[i], use_linear_projection=self.use_linear_projection,
-                    upcast_attention=self.upcast_attention)(x, emb, context)
+                    upcast_attention=self.upcast_attention,
+                    only_cross_attention=self._for_blocks("only_cross_attention")[i])(x, emb, context)
             else:
                 x, block_skips = DownBlock2D(**common)(x, emb)
             skips += block_skips
@@ -232,9 +238,8 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         "reverse_transformer_layers_per_block": (None,),
         "encoder_hid_dim": (None,),
         "encoder_hid_dim_type": (None,),
-        "class_embed_type": (None,),
+        "class_embed_type": (None,),  # with num_class_embeds: an nn.Embed of class labels (the x4 upscaler)
         "addition_embed_type": (None, "text_time"),  # text_time: SDXL
-        "num_class_embeds": (None,),
         "resnet_time_scale_shift": ("default",),
         "time_embedding_type": ("positional",),
         "time_embedding_act_fn": (None,),
@@ -249,7 +254,8 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
     _positive_keys: ClassVar[tuple] = (
         "in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps",
         "cross_attention_dim", "attention_head_dim", "num_attention_heads", "conv_in_kernel", "conv_out_kernel",
-        "time_embedding_dim", "sample_size", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        "time_embedding_dim", "sample_size", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+        "num_class_embeds")
 
     # Legacy diffusers Flax checkpoints (diffusion_flax_model.msgpack) name the attention projections
     # query/key/value/proj_attn; everything else already has the PyTorch names.
@@ -290,6 +296,12 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
     def _time_embed_dim(self) -> int:
         return self.time_embedding_dim or self.block_out_channels[0] * 4
 
+    _only_cross_attention_supported: ClassVar[bool] = True
+
+    def init_weights(self, rng) -> dict:
+        kwargs = {} if self.num_class_embeds is None else {"class_labels": jnp.zeros((1,), jnp.int32)}
+        return self.init(rng, *self.dummy_inputs(), **kwargs)["params"]
+
     def dummy_inputs(self) -> tuple:
         """Smallest inputs that reach every layer (one downsample per level): for `init` / eval_shape."""
         size = 2 ** (len(self.block_out_channels) - 1)
@@ -303,6 +315,22 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         added_cond_kwargs = {"text_embeds": jnp.zeros((1, text_width), jnp.float32),
                              "time_ids": jnp.zeros((1, 1), jnp.float32)}
         return sample, timesteps, encoder_hidden_states, added_cond_kwargs
+
+    def _class_embedding(self, class_labels, batch: int, time_embed_dim: int):
+        """num_class_embeds with class_embed_type None: class_embedding(class_labels), added to the time embedding
+        as diffusers does (its `get_class_embed`); the SD x4 upscaler passes the low-resolution image's noise level.
+        Called from __call__'s compact scope."""
+        if class_labels is None:
+            raise ConfigError(f"UNet2DConditionModel: this UNet has num_class_embeds = {self.num_class_embeds}: "
+                              "pass class_labels (int, scalar or [batch]; the x4 upscaler's noise_level)")
+        labels = jnp.asarray(class_labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ConfigError(f"UNet2DConditionModel: class_labels must be integers, got {labels.dtype}")
+        if labels.ndim > 1 or (labels.ndim == 1 and labels.shape[0] not in (1, batch)):
+            raise ConfigError(f"UNet2DConditionModel: class_labels has shape {tuple(labels.shape)}; expected a "
+                              f"scalar or one per sample ({batch},)")
+        labels = jnp.broadcast_to(labels.reshape(-1) if labels.ndim else labels, (batch,))
+        return nn.Embed(self.num_class_embeds, time_embed_dim, dtype=self.dtype, name="class_embedding")(labels)
 
     def _text_time_embedding(self, added_cond_kwargs, batch: int, time_embed_dim: int):
         """SDXL's addition to the time embedding: the sinusoids of each time id (original size, crop, target
@@ -333,9 +361,13 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
     # ------------------------------------------------------------------ forward
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs: dict | None = None,
-                 train: bool = False, down_block_additional_residuals=None, mid_block_additional_residual=None):
+                 train: bool = False, down_block_additional_residuals=None, mid_block_additional_residual=None,
+                 class_labels=None):
         """sample [B, C, H, W], timesteps scalar or [B] (int or float), encoder_hidden_states [B, L, D]
         -> noise prediction [B, out_channels, H, W] in sample's dtype.
+
+        class_labels (int, scalar or [B]): required with num_class_embeds (the SD x4 upscaler's noise_level),
+        ignored otherwise as in diffusers. Labels outside [0, num_class_embeds) give NaN (Flax's Embed fills).
 
         added_cond_kwargs {"text_embeds": [B, D'], "time_ids": [B, n]}: SDXL's micro-conditioning (only read, and
         required, with addition_embed_type "text_time"; ignored otherwise, as in diffusers).
@@ -359,6 +391,8 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         # 1. time (+ SDXL's text and size embedding)
         time_embed_dim = self._time_embed_dim()
         emb = self._time_embedding(timesteps, sample.shape[0])
+        if self.num_class_embeds is not None:
+            emb = emb + self._class_embedding(class_labels, sample.shape[0], time_embed_dim).astype(emb.dtype)
         if self.addition_embed_type == "text_time":
             emb = emb + self._text_time_embedding(added_cond_kwargs, sample.shape[0], time_embed_dim)
 
@@ -391,6 +425,7 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
         # downsample's skip). Upsampling targets the size of the next skip, so odd latent sizes work.
         rboc, rheads, rcross = boc[::-1], heads[::-1], cross_dims[::-1]
         rlayers, rtlayers = layers[::-1], tlayers[::-1]
+        ronly_cross = self._for_blocks("only_cross_attention")[::-1]
         for i, block_type in enumerate(self.up_block_types):
             num_layers = rlayers[i] + 1
             block_skips, skips = skips[-num_layers:], skips[:-num_layers]
@@ -404,7 +439,8 @@ class UNet2DConditionModel(nn.Module, FlaxModelMixin, UNetEncoderMixin):
                 x = CrossAttnUpBlock2D(
                     **common, transformer_layers_per_block=rtlayers[i], num_attention_heads=rheads[i],
                     cross_attention_dim=rcross[i], use_linear_projection=self.use_linear_projection,
-                    upcast_attention=self.upcast_attention)(x, block_skips, emb, context, upsample_size)
+                    upcast_attention=self.upcast_attention,
+                    only_cross_attention=ronly_cross[i])(x, block_skips, emb, context, upsample_size)
             else:
                 x = UpBlock2D(**common)(x, block_skips, emb, upsample_size)
 

@@ -172,3 +172,45 @@ def build_tiny_sdxl_refiner(folder: Path, seed: int = 0) -> Path:
                                             requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
                                             add_watermarker=False)
     return _finish_sdxl_folder(pipe, folder)
+
+
+# The SD x4 upscaler in small (diffusers' own upscaler tests use the same shapes): a 7-channel UNet (4 latent + 3
+# image channels) with the noise level as a class label and only_cross_attention on its high-resolution attention
+# block, a factor-4 VAE with the upscaler's scaling factor, DDPM for the low-resolution image, DDIM (v-prediction,
+# as the real one) for the latents.
+UPSCALER_UNET = dict(
+    sample_size=16, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), only_cross_attention=(True, True, False),
+    num_class_embeds=1000, cross_attention_dim=32, attention_head_dim=8, use_linear_projection=True, norm_num_groups=32,
+)
+UPSCALER_VAE = VAE | dict(block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                          up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333, sample_size=64)
+UPSCALER_LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                  beta_schedule="scaled_linear", clip_sample=False, variance_type="fixed_small")
+UPSCALER_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+
+
+def build_tiny_upscaler(folder: Path, seed: int = 0) -> Path:
+    """Save a small random StableDiffusionUpscalePipeline with diffusers (max_noise_level 350, as the real one)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    write_tiny_tokenizer(folder / "_tok")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "_tok")
+    text = TEXT | {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                   "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    pipe = StableDiffusionUpscalePipeline(
+        vae=perturb_(AutoencoderKL(**UPSCALER_VAE), seed + 1),
+        text_encoder=perturb_(CLIPTextModel(CLIPTextConfig(**text)), seed + 2), tokenizer=tokenizer,
+        unet=perturb_(UNet2DConditionModel(**UPSCALER_UNET), seed),
+        low_res_scheduler=DDPMScheduler(**UPSCALER_LOW_RES_SCHEDULER), scheduler=DDIMScheduler(**UPSCALER_SCHEDULER),
+        max_noise_level=350)
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_tok")
+    return folder
