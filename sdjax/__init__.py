@@ -10,10 +10,10 @@ from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, Weights
 from .models import ControlNetModel
 from .pipelines import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
                         FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
-                        Trajectory)
+                        Trajectory, show_progress)
 from .schedulers import get_scheduler
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
-           "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
+           "enable_compile_cache", "show_progress", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
            "WeightsError"]

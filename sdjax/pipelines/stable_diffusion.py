@@ -216,7 +216,8 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
                                      extra_channels=cond.extra_channels, unet_inputs=cond.unet_inputs)
         final, trajectory, first_nonfinite = denoise(self.scheduler, state, cond.latents, model_fn, loop_key,
                                                      start=cond.start, end=cond.end, post_step=cond.post_step,
-                                                     return_trajectory=settings.return_trajectory)
+                                                     return_trajectory=settings.return_trajectory,
+                                                     progress=settings.progress)
         images, images_finite = self.decode_to_images(params["vae"], final)
         return images, trajectory, {"first_nonfinite": first_nonfinite, "images_finite": images_finite}
 
