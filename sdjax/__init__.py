@@ -11,13 +11,13 @@ from .models import ControlNetModel
 from .pipelines import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline
 from .pipelines import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
                         FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
-                        FlaxStableDiffusionUpscalePipeline, Trajectory)
+                        FlaxStableDiffusionUpscalePipeline, Trajectory, show_progress)
 from .pipelines import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLPipeline, load_pipeline
 from .schedulers import get_scheduler
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
-           "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
+           "enable_compile_cache", "show_progress", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
            "WeightsError", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline", "load_pipeline",
            "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline",
            "FlaxStableDiffusionUpscalePipeline"]

@@ -203,7 +203,7 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     step = Step(train_step, mesh, cfg, vae)
     state, summary = run_steps(cfg, state, start, step, make_batch, ckpt, log, desc="autoencoder",
                                until_step=until_step, final_save=final_save, progress=progress)
-    if summary["steps"] < cfg.num_steps:
+    if summary["steps"] < cfg.num_steps or not parallel.is_primary():  # process 0 evaluates and writes
         return summary
 
     params = jax.device_get(state["params"])

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from sdjax.preemption import any_process, stop_requested
+
 from . import parallel
 
 logger = logging.getLogger(__name__)
@@ -90,22 +92,36 @@ def run_steps(cfg, state, start, step: Step, make_batch, ckpt, log, *, desc, unt
     end = cfg.num_steps if until_step is None else min(cfg.num_steps, until_step)
     compiles_before = compile_count()
     t0, seen = time.time(), 0
-    bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc=desc, disable=not progress)
-    for i in bar:
-        state, metrics = train_step(step, state, make_batch(i), jax.random.fold_in(base_key, i))
-        seen += cfg.batch_size
-        if (i + 1) % cfg.log_every == 0 or i + 1 == end:
-            m = {k: float(v) for k, v in metrics.items()}
-            log.write(i + 1, **m)
-            bar.set_postfix(loss=f"{m['loss']:.4f}")
-        ckpt.maybe_save(i + 1, state)
+    bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc=desc,
+               disable=not progress or not parallel.is_primary())
+    stopped_at = None
+    with stop_requested() as stop:
+        for i in bar:
+            state, metrics = train_step(step, state, make_batch(i), jax.random.fold_in(base_key, i))
+            seen += cfg.batch_size
+            if (i + 1) % cfg.log_every == 0 or i + 1 == end:
+                m = {k: float(v) for k, v in metrics.items()}
+                log.write(i + 1, **m)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+            ckpt.maybe_save(i + 1, state)
+            # SIGTERM (preemption): stop after this step, checkpointed; every process stops at the same step
+            if any_process(bool(stop)) and i + 1 < end:
+                stopped_at = i + 1
+                break
+    bar.close()
     elapsed = time.time() - t0
-    if final_save:
+    if stopped_at is not None:
+        end = stopped_at
+        ckpt.maybe_save(end, state, force=True)
+        logger.warning("stopped by SIGTERM after step %d (checkpointed); rerun the same command to resume", end)
+    elif final_save:
         ckpt.maybe_save(end, state, force=True)
     ckpt.close()
     # The device count is part of what makes a run bit-reproducible: the data-parallel gradient mean sums
     # per-device partial sums, so 1 and 8 devices give the same run up to float rounding, not bit for bit.
     summary = {"steps": end, "images_per_s_this_run": seen / max(elapsed, 1e-9), "train_seconds_this_run": elapsed,
                "devices": jax.device_count(), "backend": jax.default_backend(),
-               "step_compiles_this_run": compile_count() - compiles_before}
+               "step_compiles_this_run": compile_count() - compiles_before, "processes": jax.process_count()}
+    if stopped_at is not None:
+        summary["stopped"] = "SIGTERM"
     return state, summary

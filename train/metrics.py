@@ -12,8 +12,15 @@ from sdjax.io import atomic_write
 
 
 class MetricsLog:
-    def __init__(self, path, resume_step: int):
+    def __init__(self, path, resume_step: int, write: bool | None = None):
+        """write: whether this process writes the log (default: process 0 of a multi-process run, see
+        train.parallel.is_primary); the others only read it."""
+        from .parallel import is_primary
+
         self.path = Path(path)
+        self.enabled = is_primary() if write is None else write
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.path.is_file():
@@ -27,6 +34,8 @@ class MetricsLog:
         self.path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -36,3 +36,16 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
     if batch_size % mesh.size:
         raise ConfigError(f"batch_size {batch_size} must be divisible by the number of devices ({mesh.size})")
+
+
+def is_primary() -> bool:
+    """Process 0 of a multi-process run (the one that writes logs, summaries and exports); True in one process."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (a no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -83,4 +83,12 @@ def main(argv=None) -> int:
         parser.print_help()
         return 1
     prog = " ".join(["sdjax", *args.command_path]) if hasattr(args, "command_path") else f"sdjax {args.command}"
-    return run_command(lambda: args.func(args), prog)
+    return run_command(lambda: _with_progress(args.func, args), prog)
+
+
+def _with_progress(func, args) -> None:
+    """Every pipeline call a command makes shows a progress bar that moves with the compiled loop."""
+    from ..pipelines.engine import show_progress
+
+    with show_progress():
+        func(args)

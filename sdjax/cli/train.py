@@ -16,7 +16,7 @@ import json
 import logging
 
 from ..errors import SdjaxError
-from .args import finite_float, positive_float, positive_int, seed
+from .args import add_distributed_args, finite_float, init_distributed, positive_float, positive_int, seed
 
 # stage name -> (module under sdjax.train, the shipped config it trains by default)
 STAGES = {
@@ -40,6 +40,7 @@ def add_commands(sub) -> None:
                        help="override config keys, e.g. num_steps=200 'unet={\"layers_per_block\": 2}'")
         s.add_argument("--until-step", type=positive_int, default=None,
                        help="stop at this step (checkpointed); rerun to go on")
+        add_distributed_args(s)
         s.set_defaults(func=cmd_stage, command_path=["train", name])
 
     e = stages.add_parser("export", help="write a stage-2 or upscaler workdir's model as a diffusers pipeline folder")
@@ -92,6 +93,7 @@ def cmd_stage(args) -> None:
 
     from ..train.config import load_config
 
+    init_distributed(args)  # before any JAX computation
     module = importlib.import_module(f"sdjax.train.{STAGES[args.stage][0]}")
     cfg = load_config(module.Config, args.config, args.set)
     _logging()

@@ -1,7 +1,7 @@
 """Pipelines: each composes the models with the one denoising engine (`engine.denoise`)."""
 
 from .controlnet import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline
-from .engine import Conditioning, Settings, denoise
+from .engine import Conditioning, Settings, denoise, show_progress
 from .image_to_image import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionMergePipeline
 from .inpaint import FlaxStableDiffusionInpaintPipeline
 from .output import FlaxStableDiffusionPipelineOutput, Trajectory
@@ -12,6 +12,6 @@ from .upscale import FlaxStableDiffusionUpscalePipeline
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings",
-           "Conditioning", "denoise", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline",
+           "Conditioning", "denoise", "show_progress", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline",
            "load_pipeline", "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline",
            "FlaxStableDiffusionUpscalePipeline"]

@@ -8,6 +8,7 @@ two pipelines built from the same configs share compiled programs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -56,6 +57,16 @@ class DiffusionPipeline:
     def _run(self, settings, inputs: dict, params, key, *, jit: bool = False, mesh: Mesh | None = None):
         """The compiled program for `settings` on `inputs` (a dict of batch-major arrays):
         jit=True: pmapped (inputs, params, key with a leading device axis); mesh: inputs split over the mesh."""
+        if engine.show_progress.enabled and not settings.progress:  # the same call, with a step callback
+            settings = dataclasses.replace(settings, progress=True)
+            bar = engine.show_progress.bar(self.scheduler.num_model_calls(
+                self.scheduler.set_timesteps(settings.num_inference_steps, (1,))))
+            engine._BARS.append(bar)
+            try:
+                return jax.block_until_ready(self._run(settings, inputs, params, key, jit=jit, mesh=mesh))
+            finally:
+                engine._BARS.remove(bar)
+                bar.close()
         if jit:
             return engine.run_pmap(self, settings, inputs, params, key)
         if mesh is not None:

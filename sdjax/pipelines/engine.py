@@ -35,6 +35,7 @@ class Settings:
     width: int
     return_trajectory: bool = True
     output_attentions: bool = False
+    progress: bool = False  # a host callback per step (show_progress); False compiles no callback at all
 
 
 @flax.struct.dataclass
@@ -51,7 +52,8 @@ class Conditioning:
     post_step: Callable | None = flax.struct.field(pytree_node=False, default=None)
 
 
-def denoise(scheduler, state, latents, model_fn, key, *, start=0, end=None, post_step=None, return_trajectory=True):
+def denoise(scheduler, state, latents, model_fn, key, *, start=0, end=None, post_step=None, return_trajectory=True,
+            progress=False):
     """Run the scheduler's model calls `start` .. `end` - 1 (default: all N) on `latents` in one `lax.scan`.
 
     scheduler, state: an sdjax scheduler and its `set_timesteps` state.
@@ -60,6 +62,8 @@ def denoise(scheduler, state, latents, model_fn, key, *, start=0, end=None, post
     start: the first call to run (image-to-image); a traced int costs only the calls it runs (the others are
         skipped by `lax.cond`), so changing it does not recompile. A Python 0 compiles no condition at all.
     end: the first call not to run (None: all); traced like `start`.
+    progress: after each call, tell the host (`jax.debug.callback`) which call finished: it moves the progress
+        bar `show_progress` opened. False (the default) adds nothing to the program.
     post_step(sample, x0, i) -> sample: applied after each scheduler step (inpainting puts the known region back).
     Returns (final sample, Trajectory or None, first_nonfinite): the trajectory has all N calls (entries before
     `start` hold the unchanged sample and zeros; `Trajectory.steps(start)` cuts them off); first_nonfinite is
@@ -89,6 +93,8 @@ def denoise(scheduler, state, latents, model_fn, key, *, start=0, end=None, post
         else:
             active = i >= start if end is None else (i >= start) & (i < end)
             new, ys = jax.lax.cond(active, run, skipped, carry, i)
+        if progress:  # after the step's result exists, so the bar follows the computation
+            jax.debug.callback(_step_done, i, new[1].ravel()[0])
         return new, ys if return_trajectory else None
 
     (_, final, first_bad), ys = jax.lax.scan(step, (state, latents, jnp.int32(-1)), jnp.arange(n))
@@ -103,6 +109,46 @@ def denoise(scheduler, state, latents, model_fn, key, *, start=0, end=None, post
         attention_maps=extras,
     )
     return final, trajectory, first_bad
+
+
+# ---------------------------------------------------------------------------------------------- progress
+_BARS: list = []  # the bars `show_progress` has open in this process (the innermost gets the steps)
+
+
+def _step_done(i, _sample_element) -> None:
+    if _BARS:
+        bar = _BARS[-1]
+        done = int(i) + 1  # per device under pmap or a mesh: the furthest call any device finished
+        if done > bar.n:
+            bar.update(done - bar.n)
+
+
+class show_progress:
+    """A progress bar (tqdm) that advances from inside the compiled scan while a pipeline call runs:
+
+        with sdjax.show_progress():
+            out = pipe(prompt_ids, params, key)
+
+    Calls made inside the block compile with a host callback after each step (a separate program from the one
+    without it); outside, nothing changes. The call waits for its result before returning."""
+
+    enabled: bool = False
+
+    def __init__(self, desc: str = "denoising", **tqdm_kwargs):
+        self.desc, self.tqdm_kwargs = desc, tqdm_kwargs
+
+    def __enter__(self):
+        self._previous, show_progress.enabled = show_progress.enabled, True
+        return self
+
+    def __exit__(self, *exc):
+        show_progress.enabled = self._previous
+
+    @staticmethod
+    def bar(total: int, desc: str = "denoising"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
 # ------------------------------------------------------------------------------------------ compiled entries

@@ -220,7 +220,8 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
                                      guidance_rescale=inputs.get("guidance_rescale"))
         final, trajectory, first_nonfinite = denoise(self.scheduler, state, cond.latents, model_fn, loop_key,
                                                      start=cond.start, end=cond.end, post_step=cond.post_step,
-                                                     return_trajectory=settings.return_trajectory)
+                                                     return_trajectory=settings.return_trajectory,
+                                                     progress=settings.progress)
         images, images_finite = self.output_images(settings, params, final)
         return images, trajectory, {"first_nonfinite": first_nonfinite, "images_finite": images_finite}
 
