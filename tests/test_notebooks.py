@@ -32,13 +32,21 @@ def test_the_notebooks_are_committed_without_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} cell {i} holds outputs"
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One JAX compilation cache for the notebooks' kernels and the commands they run: a program compiled once
+    (the toy pipeline at batch 2) is not compiled again by the next notebook or by `sdjax trajectories`."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, compile_cache):
     monkeypatch.setenv("SDJAX_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the SMALL settings never touch the hub
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=TIMEOUT_PER_CELL, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
