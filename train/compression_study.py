@@ -71,14 +71,12 @@ def run_factor(f: int, out: Path, ae_seconds: float, ldm_seconds: float, per_cap
 
 
 def write_report(results: dict, md_path: Path, png_path: Path, note: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no window, and a notebook's backend is left alone
 
     rows = [results[k] for k in sorted(results, key=int)]
     fs = [r["f"] for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    fig = Figure(figsize=(16, 3.4))
+    axes = fig.subplots(1, 4)
     for ax, (key, label) in zip(axes, (("psnr_db", "reconstruction PSNR (dB)"), ("ldm_images_per_s", "stage-2 images/s"),
                                       ("fd", "FD (generated vs real)"), ("color_acc", "adherence"))):
         ax.plot(fs, [r[key] for r in rows], "o-", label=key.replace("_acc", ""))
@@ -94,7 +92,6 @@ def write_report(results: dict, md_path: Path, png_path: Path, note: str = "") -
         ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
     lines = ["| f | latents | stage 1 steps | PSNR (dB) | stage 2 steps | stage 2 images/s | final loss | FD | FD real/real | color acc | shape acc |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

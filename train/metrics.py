@@ -45,13 +45,11 @@ class MetricsLog:
 
 
 def plot_losses(log_path, png_path, keys=("loss",), title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no window, and a notebook's backend is left alone
 
     rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
@@ -64,4 +62,3 @@ def plot_losses(log_path, png_path, keys=("loss",), title: str = "") -> None:
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)

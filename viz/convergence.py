@@ -58,13 +58,15 @@ def convergence_numbers(data, frames, steps: list[int] | None = None, completion
 
 def render_convergence(path, numbers: dict) -> tuple[int, int]:
     """Two log-scale panels (pixel MSE, latent MSE) against step; one color per sample."""
-    import matplotlib.pyplot as plt
+    import matplotlib
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
     steps = np.asarray(numbers["steps"])
     t = numbers["num_steps"]
     ddim = numbers.get("ddim_completion")
-    colors = plt.get_cmap("tab10").colors
+    colors = matplotlib.colormaps["tab10"].colors
     for ax, key, name in ((axes[0], "pixel", "pixel MSE to the final image"),
                           (axes[1], "latent", "latent MSE to the final latent")):
         for b, sample in enumerate(numbers["samples"]):

@@ -6,15 +6,11 @@ neighbour for small ones, so a 32x32 sample stays crisp and matplotlib never res
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # files only; never opens a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from sdjax.io import atomic_write  # noqa: E402
+from sdjax.io import atomic_write
 
 DPI = 100
 CELL = 128  # target display size of one image, in pixels
@@ -44,7 +40,7 @@ class PixelFigure:
 
     def __init__(self, width: int, height: int, facecolor: str = "white"):
         self.width, self.height = int(width), int(height)
-        self.fig = plt.figure(figsize=(self.width / DPI, self.height / DPI), dpi=DPI, facecolor=facecolor)
+        self.fig = Figure(figsize=(self.width / DPI, self.height / DPI), dpi=DPI, facecolor=facecolor)
         self.canvas = np.full((self.height, self.width, 3), 255, np.uint8)
 
     def image(self, x: float, y: float, img: np.ndarray, border: int | None = None) -> None:
@@ -64,9 +60,11 @@ class PixelFigure:
 
 
 def save_figure(fig, path, **kwargs) -> None:
-    """Write a matplotlib figure as PNG atomically (a reader never sees half a picture), then close it."""
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a picture).
+
+    Figures here are `matplotlib.figure.Figure`s, never pyplot's: files only, no window, and the backend of the
+    process (a notebook's inline one) is left alone."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, **kwargs))
-    plt.close(fig)
 
 
 def plain(text: str) -> str:
