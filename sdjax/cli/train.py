@@ -3,6 +3,7 @@
     sdjax train autoencoder --config shapes_autoencoder --workdir runs/shapes_autoencoder
     sdjax train ldm         --config shapes_ldm         --workdir runs/shapes_ldm
     sdjax train export --workdir runs/shapes_ldm --out sdjax/assets/toy-shapes
+    sdjax train classifier  --config shapes_classifier  --workdir runs/shapes_noise_classifier
     sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
 
 Every stage takes the same options (--config NAME_OR_FILE, --workdir, --set KEY=VALUE..., --until-step)
@@ -20,6 +21,7 @@ from .args import finite_float, positive_float, positive_int, seed
 STAGES = {
     "autoencoder": ("autoencoder", "shapes_autoencoder"),
     "ldm": ("ldm", "shapes_ldm"),
+    "classifier": ("classifier", "shapes_classifier"),
 }
 
 
@@ -38,8 +40,9 @@ def add_commands(sub) -> None:
                        help="stop at this step (checkpointed); rerun to go on")
         s.set_defaults(func=cmd_stage, command_path=["train", name])
 
-    e = stages.add_parser("export", help="write a stage-2 workdir's model as a diffusers pipeline folder")
-    e.add_argument("--workdir", required=True, help="a stage-2 (sdjax train ldm) workdir")
+    e = stages.add_parser("export", help="write a stage-2 workdir's model as a diffusers pipeline folder (a "
+                                         "classifier workdir's classifier as its model folder)")
+    e.add_argument("--workdir", required=True, help="a stage-2 (sdjax train ldm) or sdjax train classifier workdir")
     e.add_argument("--out", required=True, help="the pipeline folder to write")
     e.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
@@ -89,11 +92,27 @@ def cmd_stage(args) -> None:
 def cmd_export(args) -> None:
     import jax.numpy as jnp
 
+    from ..train import classifier
     from ..train.ldm import export_from_workdir
 
-    out = export_from_workdir(args.workdir, args.out, dtype=jnp.dtype(args.dtype), use_ema=not args.no_ema,
-                              overwrite=args.overwrite)
+    if _workdir_command(args.workdir) == classifier.COMMAND:  # the classifier's float32 weights, as trained
+        out = classifier.export_from_workdir(args.workdir, args.out, overwrite=args.overwrite)
+    else:
+        out = export_from_workdir(args.workdir, args.out, dtype=jnp.dtype(args.dtype), use_ema=not args.no_ema,
+                                  overwrite=args.overwrite)
     print(f"wrote {out}")
+
+
+def _workdir_command(workdir) -> str | None:
+    """The training command that made `workdir` (its output marker), or None."""
+    from pathlib import Path
+
+    from ..io import OUTPUT_MARKER
+
+    try:
+        return json.loads((Path(workdir) / OUTPUT_MARKER).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def cmd_evaluate(args) -> None:
