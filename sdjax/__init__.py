@@ -7,10 +7,12 @@ __version__ = "0.1.0"
 
 from .compilation import enable_compile_cache
 from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, WeightsError
-from .models import ControlNetModel
-from .pipelines import FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput, Trajectory
+from .models import ControlNetModel, NoiseClassifier
+from .pipelines import (FlaxStableDiffusionClassifierGuidedPipeline, FlaxStableDiffusionPipeline,
+                        FlaxStableDiffusionPipelineOutput, Trajectory)
 from .schedulers import get_scheduler
 
-__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
-           "enable_compile_cache", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
+__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionClassifierGuidedPipeline",
+           "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler", "enable_compile_cache", "ControlNetModel",
+           "NoiseClassifier", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
            "WeightsError"]

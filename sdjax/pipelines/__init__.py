@@ -3,5 +3,6 @@
 from .engine import Settings, denoise
 from .output import FlaxStableDiffusionPipelineOutput, Trajectory
 from .stable_diffusion import FlaxStableDiffusionPipeline
+from .classifier_guidance import FlaxStableDiffusionClassifierGuidedPipeline
 
-__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings", "denoise"]
+__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionClassifierGuidedPipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings", "denoise"]
