@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .args import finite_float, positive_int, seed
+from .args import finite_float, labels, positive_int, seed
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -36,6 +36,14 @@ def add_commands(sub) -> None:
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
     g.add_argument("--num-images", type=positive_int, default=1, help="images to generate for the prompt (default: 1)")
+    g.add_argument("--labels", type=labels, default=None, metavar="HEAD=LABEL,...",
+                   help="classifier guidance toward these labels, e.g. color=red,shape=square (with --prompt \"\": "
+                        "classifier guidance alone)")
+    g.add_argument("--classifier", default=None, metavar="PATH",
+                   help="the noise-conditional classifier for --labels (default for the toy model: the shipped "
+                        "sdjax/assets/toy-shapes-classifier)")
+    g.add_argument("--classifier-scale", type=finite_float, default=None,
+                   help="classifier guidance scale s (default: 4)")
     add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -80,14 +88,45 @@ def load_pipeline(args):
     return pipe, params, model, steps, guidance
 
 
+def load_classifier(args):
+    """(path, classifier, its params, label indices [num_images, heads]) for --labels, or None; checked before
+    anything is written (an unknown head or label is one line naming it)."""
+    from ..errors import SdjaxError
+
+    if args.labels is None:
+        for given, option in ((args.classifier, "--classifier"), (args.classifier_scale, "--classifier-scale")):
+            if given is not None:
+                raise SdjaxError(f"{option} needs --labels HEAD=LABEL,... (e.g. --labels color=red)")
+        return None
+    from ..assets import toy_classifier_path
+    from ..models.noise_classifier import NoiseClassifier
+
+    if args.classifier is None and args.model is not None:
+        raise SdjaxError("--labels needs --classifier PATH (a noise-conditional classifier trained for this model)")
+    path = args.classifier or str(toy_classifier_path())
+    classifier, clf_params = NoiseClassifier.from_pretrained(path)
+    return path, classifier, clf_params, classifier.label_indices(args.labels, batch=args.num_images)
+
+
 def cmd_generate(args) -> None:
     import numpy as np
 
     from ..io import check_output_dir, record_output, write_json, write_png
     from ..seeds import initial_noise, loop_key, sample_seeds
 
+    guide = load_classifier(args)
     previous = check_output_dir(args.out, "sdjax generate", overwrite=args.overwrite)
     pipe, params, model, steps, guidance = load_pipeline(args)
+    call_extra, settings_extra = {}, {}
+    if guide is not None:
+        from ..pipelines.classifier_guidance import DEFAULT_CLASSIFIER_SCALE
+        from ..pipelines.classifier_guidance import FlaxStableDiffusionClassifierGuidedPipeline as Guided
+
+        path, classifier, clf_params, label_ids = guide
+        pipe, params = Guided.from_pipe(pipe, classifier=classifier), {**params, "classifier": clf_params}
+        scale = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale
+        call_extra = {"labels": label_ids, "classifier_scale": scale}
+        settings_extra = {"classifier": path, "labels": classifier.label_dict(label_ids[0]), "classifier_scale": scale}
     out = Path(args.out)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
     neg = pipe.prepare_inputs([args.negative_prompt] * args.num_images)
@@ -98,7 +137,7 @@ def cmd_generate(args) -> None:
     latents = initial_noise(sample_seeds(args.seed, range(args.num_images)), pipe.latent_shape(1, height, width)[1:])
     t0 = time.perf_counter()
     result = pipe(ids, params, loop_key(args.seed), num_inference_steps=steps, guidance_scale=guidance,
-                  height=height, width=width, latents=latents, neg_prompt_ids=neg, return_trajectory=False)
+                  height=height, width=width, latents=latents, neg_prompt_ids=neg, return_trajectory=False, **call_extra)
     images = np.asarray(result.images)
     seconds = time.perf_counter() - t0
     files = []
@@ -110,7 +149,7 @@ def cmd_generate(args) -> None:
         "model": model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": steps,
         "guidance_scale": guidance, "seed": args.seed, "height": images.shape[1], "width": images.shape[2],
         "scheduler": pipe.scheduler.name, "dtype": args.dtype, "num_images": args.num_images, "images": files,
-        "seconds_including_compile": round(seconds, 3),
+        "seconds_including_compile": round(seconds, 3), **settings_extra,
     })
     record_output(out, "sdjax generate", files + ["settings.json"], previous)
     print(f"wrote {len(files)} image(s) and settings.json to {out}")
