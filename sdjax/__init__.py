@@ -8,11 +8,13 @@ __version__ = "0.1.0"
 from .compilation import enable_compile_cache
 from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, WeightsError
 from .models import ControlNetModel, NoiseClassifier
-from .pipelines import (FlaxStableDiffusionClassifierGuidedPipeline, FlaxStableDiffusionPipeline,
+from .pipelines import (FlaxStableDiffusionClassifierGuidedPipeline, FlaxStableDiffusionImg2ImgPipeline,
+                        FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline,
                         FlaxStableDiffusionPipelineOutput, Trajectory)
 from .schedulers import get_scheduler
 
-__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionClassifierGuidedPipeline",
+__all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
+           "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionClassifierGuidedPipeline",
            "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler", "enable_compile_cache", "ControlNetModel",
            "NoiseClassifier", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
            "WeightsError"]

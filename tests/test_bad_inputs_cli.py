@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from .badinput import error_line, run_cli, run_cli_process, snapshot
@@ -171,3 +172,59 @@ def test_repo_id_with_an_unresponsive_hub_fails_within_the_timeout(tmp_path):
     after = snapshot(tmp_path, tmp_path / "hf")
     assert {k: v for k, v in after.items() if not k.startswith(str(tmp_path / "o"))} == before
     server.close()
+
+
+@pytest.fixture()
+def pictures(home):
+    from PIL import Image
+
+    rgb = (np.random.default_rng(0).uniform(0, 255, (32, 32, 3))).astype(np.uint8)
+    Image.fromarray(rgb).save(home / "a.png")
+    Image.fromarray(rgb[::-1]).convert("RGBA").save(home / "b.png")  # RGBA is converted
+    Image.fromarray(rgb[:30, :30]).save(home / "odd.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(home / "mask.png")
+    Image.fromarray(mask[:16, :16]).save(home / "small_mask.png")
+    return home
+
+
+def edit(home, command, *extra):
+    return [command, "--model", home / "model", "--steps", "2", "--out", home / "e", *extra]
+
+
+@pytest.mark.parametrize("command,extra,expect", [
+    ("img2img", ("--image", "none.png", "--prompt", "x"), "image file not found"),
+    ("img2img", ("--image", "notes.txt", "--prompt", "x"), "cannot read image"),
+    ("img2img", ("--image", "mine", "--prompt", "x"), "(it is a folder)"),
+    ("img2img", ("--image", "a.png", "--prompt", "x", "--strength", "0"), "argument --strength: expected a number in (0, 1]"),
+    ("img2img", ("--image", "a.png", "--prompt", "x", "--strength", "1.5"), "argument --strength"),
+    ("img2img", ("--image", "odd.png", "--prompt", "x"), "--image is 30x30; this model needs sizes that are multiples of 4"),
+    ("img2img", ("--image", "a.png", "--prompt", "x", "--strength", "0.1"), "runs no step of 2"),
+    ("inpaint", ("--image", "a.png", "--mask", "small_mask.png", "--prompt", "x"), "--mask is 16x16, --image 32x32"),
+    ("inpaint", ("--image", "a.png", "--prompt", "x"), "the following arguments are required: --mask"),
+    ("merge", ("--image", "a.png"), "give two or more images"),
+    ("merge", ("--image", "a.png", "--image", "b.png", "--weights=-1,2"), "--weights must be >= 0"),
+    ("merge", ("--image", "a.png", "--image", "b.png", "--weights", "0,0"), "not all 0"),
+    ("merge", ("--image", "a.png", "--image", "b.png", "--weights", "1,2,3"), "3 numbers for 2 images"),
+    ("merge", ("--image", "a.png", "--image", "b.png", "--weights", "1,x"), "--weights: expected a number"),
+    ("merge", ("--image", "a.png", "--image", "b.png", "--image", "a.png", "--series", "3"), "--series merges two"),
+    ("merge", ("--image", "a.png", "--image", "odd.png"), "different sizes (30x30, 32x32)"),
+])
+def test_edit_command_errors(capsys, pictures, command, extra, expect):
+    extra = [str(pictures / e) if e.endswith((".png", ".txt")) or e == "mine" else e for e in extra]
+    run_cli(capsys, edit(pictures, command, *extra), pictures, expect, out=pictures / "e")
+    assert not (pictures / "e").exists() or not any((pictures / "e").glob("*.png"))
+
+
+def test_edit_commands_write_images_and_settings(capsys, pictures):
+    assert run_cli_ok(capsys, edit(pictures, "img2img", "--image", pictures / "b.png", "--prompt", "a cat",
+                                   "--strength", "0.5"))
+    settings = json.loads((pictures / "e" / "settings.json").read_text())
+    assert settings["images"] == ["image-000.png"] and settings["strength"] == 0.5
+    assert run_cli_ok(capsys, [*edit(pictures, "inpaint", "--image", pictures / "a.png", "--mask",
+                                     pictures / "mask.png", "--prompt", "a dog"), "--out", pictures / "i"])
+    assert run_cli_ok(capsys, [*edit(pictures, "merge", "--image", pictures / "a.png", "--image", pictures / "b.png",
+                                     "--series", "3"), "--out", pictures / "m"])
+    assert {p.name for p in (pictures / "m").iterdir()} >= {"strip.png", "merge.gif", "series-000.png",
+                                                            "series-002.png", "settings.json"}

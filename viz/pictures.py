@@ -40,15 +40,23 @@ def render(pipe, params, data, out_dir, *, columns: int = 8, completion_steps: i
     chunk = decode_chunk(h or pipe.default_size, w or pipe.default_size)
     frames = decode(pipe, params["vae"], data, chunk_size=chunk)
     completions = completion_images = None
+    if completion_steps and pipe.unet.in_channels != pipe.vae.latent_channels:
+        note(f"no {completion_steps}-step DDIM completions: this UNet also takes a mask and image latents "
+             f"({pipe.unet.in_channels} input channels), which a completion from x_t alone does not have")
+        completion_steps = 0
     if completion_steps:
         completions = ddim_completions(pipe, params, data, steps, completion_steps)
         completion_images = pipe.decode_frames(params["vae"], completions, chunk_size=chunk, progress=False)
 
     files = {}
     desc = f"{data.settings.get('scheduler')}, {data.settings.get('steps', data.num_steps)} steps"
-    if data.settings.get("steps", data.num_steps) != data.num_steps:  # PLMS, Heun: more calls than steps
+    if data.settings.get("edit"):  # image-to-image / inpainting: the calls from the start step on
+        desc += f", the last {data.num_steps} model calls run"
+    elif data.settings.get("steps", data.num_steps) != data.num_steps:  # PLMS, Heun: more calls than steps
         desc += f" = {data.num_steps} model calls"
     desc += f", guidance {data.settings.get('guidance_scale')}"
+    if data.settings.get("edit"):
+        desc += f", {data.settings['edit']} strength {data.settings.get('strength')}"
     files["grid"] = out_dir / "grid.png"
     render_grid(files["grid"], data, frames, steps, completion_images, completion_steps,
                 title=title or rf"One-step completions $\hat{{x}}_0$ of each step  ({desc})")

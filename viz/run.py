@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from sdjax.errors import SdjaxError
+from sdjax.pipelines import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline
 from sdjax.schedulers.registry import SCHEDULERS
 from sdjax.seeds import loop_key, sample_seeds
 from sdjax.trajectories import initial_latents, load_shard
@@ -70,21 +71,49 @@ class Frames:
 
 def run_live(pipe, params, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 5.0,
              height: int | None = None, width: int | None = None, attentions: bool = False,
-             settings_extra: dict | None = None) -> VizData:
-    """One compiled pipeline call for all prompts, keeping the trajectory (and attention maps if asked)."""
+             settings_extra: dict | None = None, image=None, mask=None, strength: float | None = None) -> VizData:
+    """One compiled pipeline call for all prompts, keeping the trajectory (and attention maps if asked).
+
+    image (PIL or float [H, W, 3] in [0, 1], used for every prompt): an image-to-image run from `strength`
+    (default 0.8); with `mask` too, an inpainting run (strength default 1.0): the grid then shows the edit's
+    steps, the ones actually run."""
     if not prompts:
         raise SdjaxError("no prompt given (--prompt TEXT)")
-    height = pipe.default_size if height is None else height
-    width = pipe.default_size if width is None else width
-    pipe.check_inputs(height, width, steps, len(prompts))
+    if mask is not None and image is None:
+        raise SdjaxError("--mask needs --image (the image to inpaint)")
+    if strength is not None and image is None:
+        raise SdjaxError("--strength needs --image (it is how far an image is noised before denoising)")
     seeds = sample_seeds(seed, range(len(prompts)))
-    # Same noise and loop key as the first shard of `sdjax trajectories --seed seed`, so both agree.
-    out = pipe(pipe.prepare_inputs(prompts), params, loop_key(seed, 0),
-               num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-               latents=initial_latents(pipe, seeds, height, width), return_trajectory=True,
-               output_attentions=attentions)
-    settings = {"steps": steps, "guidance_scale": guidance, "seed": seed, "height": height, "width": width,
-                **(settings_extra or {})}
+    n = len(prompts)
+    settings = {"steps": steps, "guidance_scale": guidance, "seed": seed, **(settings_extra or {})}
+    common = dict(num_inference_steps=steps, guidance_scale=guidance, return_trajectory=True,
+                  output_attentions=attentions)
+    if image is None:
+        height = pipe.default_size if height is None else height
+        width = pipe.default_size if width is None else width
+        pipe.check_inputs(height, width, steps, n)
+        # Same noise and loop key as the first shard of `sdjax trajectories --seed seed`, so both agree.
+        out = pipe(pipe.prepare_inputs(prompts), params, loop_key(seed, 0), height=height, width=width,
+                   latents=initial_latents(pipe, seeds, height, width), **common)
+    elif mask is None:
+        pipe = FlaxStableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        strength = 0.8 if strength is None else strength
+        ids, images = pipe.prepare_inputs(prompts, [image] * n)
+        height, width = images.shape[-2:]
+        pipe.check_inputs(height, width, steps, n)
+        out = pipe(ids, images, params, loop_key(seed, 0), strength=strength,
+                   noise=initial_latents(pipe, seeds, height, width), **common)
+    else:
+        pipe = FlaxStableDiffusionInpaintPipeline.from_pipe(pipe)
+        strength = 1.0 if strength is None else strength
+        ids, masked, masks = pipe.prepare_inputs(prompts, [image] * n, [mask] * n)
+        height, width = masked.shape[-2:]
+        pipe.check_inputs(height, width, steps, n)
+        out = pipe(ids, masks, masked, params, loop_key(seed, 0), strength=strength,
+                   image=pipe.prepare_images([image] * n), noise=initial_latents(pipe, seeds, height, width), **common)
+    settings |= {"height": int(height), "width": int(width)}
+    if image is not None:
+        settings |= {"strength": strength, "edit": "inpaint" if mask is not None else "img2img"}
     return from_output(pipe, out, prompts, seeds=seeds, settings=settings)
 
 

@@ -1,4 +1,4 @@
-"""The `sdjax` command: generate, trajectories, viz, demo, train.
+"""The `sdjax` command: generate, img2img, inpaint, merge, trajectories, viz, demo, train.
 
 The CLI is the top layer: it composes the core (sdjax.pipelines, sdjax.trajectories), sdjax.viz and
 sdjax.train; nothing below imports it. `run_command` is the one error boundary of every command.
@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import SdjaxError
-from . import generate, train, viz
+from . import edit, generate, train, viz
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sdjax", description="Stable Diffusion in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_commands(sub)
+    edit.add_commands(sub)
     viz.add_commands(sub)
     train.add_commands(sub)
     return parser

@@ -69,19 +69,20 @@ def default_model() -> str:
     return str(toy_model_path())
 
 
-def load_pipeline(args):
+def load_pipeline(args, pipeline_cls=None):
     """(pipeline, params, model name, steps, guidance) from the shared model options."""
     import jax.numpy as jnp
 
     from ..compilation import enable_compile_cache
     from ..pipelines import FlaxStableDiffusionPipeline
 
+    pipeline_cls = pipeline_cls or FlaxStableDiffusionPipeline
     if args.compile_cache:
         enable_compile_cache(args.compile_cache)
     model = args.model or default_model()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     print(f"loading {model} ...", file=sys.stderr)
-    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(model, dtype=dtype, scheduler=args.scheduler)
+    pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler)
     toy = args.model is None
     steps = args.steps if args.steps is not None else (25 if toy else 50)
     guidance = args.guidance if args.guidance is not None else (5.0 if toy else 7.5)

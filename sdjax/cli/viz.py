@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import SdjaxError
 from ..io import check_output_dir, record_output
 from ..viz import COMPLETION_STEPS
-from .args import positive_int
+from .args import positive_int, unit_interval
 from .generate import add_model_args, add_out_args, load_pipeline
 # Captions of the toy model's training set ("a {color} {shape} on a {background} background").
 DEMO_PROMPTS = (
@@ -40,6 +40,10 @@ def add_commands(subparsers) -> None:
     add_model_args(v)
     v.add_argument("--prompt", action="append", default=None,
                    help="text prompt (repeat for several samples; sample i uses seed + i)")
+    v.add_argument("--image", default=None, help="show an edit: image-to-image from this image (with --mask: inpainting)")
+    v.add_argument("--mask", default=None, help="with --image: inpaint the white region of this mask")
+    v.add_argument("--strength", type=unit_interval, default=None,
+                   help="with --image: how far the image is noised, in (0, 1] (default: 0.8; inpainting 1.0)")
     v.add_argument("--shard", default=None, metavar="FILE",
                    help="draw from a shard written by `sdjax trajectories` instead of running the model "
                         "(no attention maps)")
@@ -75,8 +79,17 @@ def _live(args, prompts: list[str], command: str) -> None:
     tokens = _tokens(args)
     select_words(pipe.tokenizer, prompts, tokens)  # a wrong --tokens fails before the model runs
     print(f"sampling {len(prompts)} prompt(s), {steps} steps ...", file=sys.stderr)
+    image = mask = None
+    if getattr(args, "image", None):
+        from ..images import load_image
+
+        image = load_image(args.image)
+        mask = load_image(args.mask, "L") if args.mask else None
+    elif getattr(args, "mask", None) or getattr(args, "strength", None) is not None:
+        raise SdjaxError("--mask and --strength need --image")
     data = run_live(pipe, params, prompts, seed=args.seed, steps=steps, guidance=guidance, height=args.height,
-                    width=args.width, attentions=True, settings_extra={"model": model})
+                    width=args.width, attentions=True, settings_extra={"model": model}, image=image, mask=mask,
+                    strength=getattr(args, "strength", None))
     print("rendering ...", file=sys.stderr)
     files = render(pipe, params, data, args.out, columns=args.columns, completion_steps=args.completion_steps,
                    tokens=tokens)
@@ -94,6 +107,8 @@ def cmd_viz(args) -> None:
     t0 = time.perf_counter()
     if args.prompt:
         raise SdjaxError("--prompt and --shard cannot be combined: the shard holds its own prompts")
+    if args.image or args.mask or args.strength is not None:
+        raise SdjaxError("--image/--mask/--strength and --shard cannot be combined: the shard holds its run")
     previous = check_output_dir(args.out, "sdjax viz", overwrite=args.overwrite, own_files=VIZ_FILES)
     data = from_shard(args.shard)
     ignored = [f"--{k}" for k in ("steps", "guidance", "scheduler", "height", "width") if getattr(args, k) is not None]
