@@ -396,6 +396,23 @@ def test_shipped_config_and_config_errors(tiny_folder):
         tiny_train_config(tiny_folder, eval_timesteps=[])
 
 
+def test_shipped_classifier_fits_the_shipped_toy_model():
+    from sdjax.assets import toy_classifier_path, toy_model_path
+    from sdjax.train.config import load_config
+    from sdjax.train import classifier
+
+    pipe, params = FlaxStableDiffusionClassifierGuidedPipeline.from_pretrained(toy_model_path(),
+                                                                               classifier=toy_classifier_path())
+    clf = pipe.classifier
+    assert clf.heads == ("color", "shape", "background") and clf.num_labels == (6, 3, 3)
+    assert pipe.prepare_labels({"color": "red", "shape": "none", "background": "black"}, 1).tolist() == [[0, -1, 1]]
+    summary = json.loads((toy_classifier_path() / "summary.json").read_text())
+    cfg = load_config(classifier.Config, "shapes_classifier")  # the shipped config trained the shipped classifier
+    assert summary["steps"] == cfg.num_steps and summary["batch_size"] == cfg.batch_size
+    assert list(clf.block_out_channels) == cfg.classifier["block_out_channels"]
+    assert summary["held_out_accuracy"]["0"]["color"] >= 0.95
+
+
 @pytest.mark.slow
 def test_training_resumes_to_the_same_parameters_and_exports(tiny_folder, tmp_path):
     from sdjax.train import classifier
@@ -421,6 +438,10 @@ def test_training_resumes_to_the_same_parameters_and_exports(tiny_folder, tmp_pa
     from sdjax.cli import main
 
     assert main(["train", "export", "--workdir", str(tmp_path / "resumed"), "--out", str(tmp_path / "exported")]) == 0
+    # the stage-2 export options mean nothing for a classifier: refused, nothing written
+    assert main(["train", "export", "--workdir", str(tmp_path / "resumed"), "--out", str(tmp_path / "x"),
+                 "--no-ema"]) == 2
+    assert not (tmp_path / "x").exists()
     c = NoiseClassifier.from_pretrained(tmp_path / "exported")
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a[1]), jax.tree_util.tree_leaves(c[1])))
     assert json.loads((tmp_path / "exported" / "summary.json").read_text())["steps"] == cfg.num_steps
