@@ -71,6 +71,18 @@ def add_commands(sub) -> None:
     c.add_argument("--classifier-dir", default="runs/shapes_classifier")
     c.add_argument("--report", default=None, help="markdown table (+ .png plot) to write; default OUT/compression.md")
     c.set_defaults(func=cmd_compression_study, command_path=["train", "compression-study"])
+    gs = stages.add_parser("guidance-study", help="classifier guidance vs classifier-free guidance vs both: adherence "
+                                                  "and FD (docs/guidance.md)")
+    gs.add_argument("--out", default="runs/guidance")
+    gs.add_argument("--report", default=None, help="markdown table (+ plots) to write; default OUT/guidance.md")
+    gs.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
+    gs.add_argument("--classifier", default=None, help="guiding classifier folder (default: the shipped one)")
+    gs.add_argument("--classifier-dir", default="runs/shapes_classifier",
+                    help="where the evaluation classifier is cached (trained there on first use)")
+    gs.add_argument("--per-caption", type=positive_int, default=4)
+    gs.add_argument("--steps", type=positive_int, default=25)
+    gs.add_argument("--seed", type=seed, default=0)
+    gs.set_defaults(func=cmd_guidance_study, command_path=["train", "guidance-study"])
     t.set_defaults(func=lambda args: t.print_help(), command_path=["train"])
 
 
@@ -96,6 +108,11 @@ def cmd_export(args) -> None:
     from ..train.ldm import export_from_workdir
 
     if _workdir_command(args.workdir) == classifier.COMMAND:  # the classifier's float32 weights, as trained
+        if args.no_ema or args.dtype != "float32":
+            from ..errors import InputError
+
+            raise InputError(f"{args.workdir} is a classifier workdir: --no-ema and --dtype are for stage-2 "
+                             "(sdjax train ldm) workdirs; the classifier is exported as trained (float32, no EMA)")
         out = classifier.export_from_workdir(args.workdir, args.out, overwrite=args.overwrite)
     else:
         out = export_from_workdir(args.workdir, args.out, dtype=jnp.dtype(args.dtype), use_ema=not args.no_ema,
@@ -141,3 +158,14 @@ def cmd_compression_study(args) -> None:
     report = run_study(args.out, args.factors, args.image_size, args.ae_seconds, args.ldm_seconds, args.per_caption,
                        args.classifier_dir, args.report)
     print(f"wrote {report} and {report.with_suffix('.png')}")
+
+
+def cmd_guidance_study(args) -> None:
+    from ..io import check_output_dir
+    from ..train.guidance_study import run_study
+
+    check_output_dir(args.out, "sdjax train guidance-study", own_files=("results.json",))
+    _logging()
+    report = run_study(args.out, args.report, args.model, args.classifier, args.classifier_dir, args.per_caption,
+                       args.steps, args.seed)
+    print(f"wrote {report} and its pictures")
