@@ -43,7 +43,7 @@ def add_commands(sub) -> None:
                    help="the noise-conditional classifier for --labels (default for the toy model: the shipped "
                         "sdjax/assets/toy-shapes-classifier)")
     g.add_argument("--classifier-scale", type=finite_float, default=None,
-                   help="classifier guidance scale s (default: 4)")
+                   help="classifier guidance scale s (default: 6)")
     add_out_args(g)
     g.set_defaults(func=cmd_generate)
 

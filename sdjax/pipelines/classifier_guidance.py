@@ -36,8 +36,9 @@ from ..models.noise_classifier import NO_LABEL, NoiseClassifier, label_log_prob
 from .base import runtime_for
 from .stable_diffusion import FlaxStableDiffusionPipeline
 
-#: the classifier scale when none is given (the toy model reaches >= 90% color adherence from an empty prompt)
-DEFAULT_CLASSIFIER_SCALE = 4.0
+#: the classifier scale when none is given: the best color adherence from an empty prompt on the toy model (90.7% at
+#: 6, 88.9% at 4, 89.8% at 8; docs/guidance.md)
+DEFAULT_CLASSIFIER_SCALE = 6.0
 
 
 class FlaxStableDiffusionClassifierGuidedPipeline(FlaxStableDiffusionPipeline):
