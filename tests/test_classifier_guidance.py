@@ -446,3 +446,31 @@ def test_training_resumes_to_the_same_parameters_and_exports(tiny_folder, tmp_pa
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a[1]), jax.tree_util.tree_leaves(c[1])))
     assert json.loads((tmp_path / "exported" / "summary.json").read_text())["steps"] == cfg.num_steps
     FlaxStableDiffusionClassifierGuidedPipeline.from_pretrained(tiny_folder, classifier=tmp_path / "exported")
+
+
+# ---------------------------------------------------------------------- the guidance study's report
+def test_guidance_study_report_keeps_the_prose_and_writes_table_and_plots(tmp_path):
+    from types import SimpleNamespace
+
+    from sdjax.train import data as data_lib
+    from sdjax.train import guidance_study
+
+    rng = np.random.default_rng(0)
+    rows = {name: s | {"adherence": {h: float(rng.uniform()) for h in ("color", "shape", "background")},
+                       "fd": float(rng.uniform(100, 1000))} for name, s in guidance_study.settings().items()}
+    steps = {name: {"target": {h: list(rng.uniform(size=5)) for h in ("color", "shape", "background")},
+                    "final": {h: list(rng.uniform(size=5)) for h in ("color", "shape", "background")}}
+             for name in guidance_study.STEP_SETTINGS}
+    results = {"meta": {"per_caption": 1, "steps": 5}, "settings": rows, "steps": steps, "fd_real_vs_real": 50.0,
+               "evaluation_classifier_held_out_accuracy": {"color": 1.0, "shape": 0.99, "background": 1.0}}
+    pictures = {name: rng.uniform(size=(5, 2, 8, 8, 3)) for name in guidance_study.STEP_SETTINGS}
+    study = SimpleNamespace(captions=[c for _, c in data_lib.all_shape_captions()])
+    md = tmp_path / "guidance.md"
+    md.write_text("# Intro\n\nprose\n\n<!-- results -->\nold table\n<!-- /results -->\n\n## Reading\nmore prose\n")
+    guidance_study.write_report(results, md, pictures, study)
+    text = md.read_text()
+    assert text.startswith("# Intro\n\nprose\n") and text.endswith("## Reading\nmore prose\n")
+    assert "old table" not in text and text.count("<!-- results -->") == 1
+    assert all(f"| {name} |" in text for name in rows)
+    for suffix in ("", "_steps", "_completions"):
+        assert (tmp_path / f"guidance{suffix}.png").stat().st_size > 1000
