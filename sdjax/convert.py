@@ -179,11 +179,15 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=
                 return path, None, ("finite", (raw_key, bad))
         return path, materialize(value), None
 
-    if max_workers > 1 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers) as pool:
-            results = list(pool.map(convert_one, jobs.items()))
-    else:
-        results = [convert_one(item) for item in jobs.items()]
+    # In batches of about RELEASE_BYTES: after each, the source's file pages are released (if it can), so the
+    # peak is the converted params plus one batch of source pages, not twice the checkpoint.
+    results = []
+    release = getattr(state_dict, "release", None)
+    with ThreadPoolExecutor(max(max_workers, 1)) as pool:
+        for batch in _batches(list(jobs.items()), want):
+            results += list(pool.map(convert_one, batch)) if max_workers > 1 else [convert_one(j) for j in batch]
+            if release is not None:
+                release()
     params = {path: value for path, value, bad in results if bad is None}
     problems = {kind: [] for kind in ("shape", "dtype", "finite")}
     for _, _, bad in results:
@@ -192,6 +196,22 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: dict, renames=
     missing = [_display_key(p, want[p]) for p in want if p not in jobs]
     return unflatten(params), ConversionReport(sorted(missing), sorted(unexpected), problems["shape"],
                                                sorted(problems["dtype"]), sorted(problems["finite"]))
+
+
+RELEASE_BYTES = 64 * 2**20
+
+
+def _batches(jobs, want, limit: int | None = None):
+    limit = RELEASE_BYTES if limit is None else limit
+    batch, size = [], 0
+    for job in jobs:
+        batch.append(job)
+        size += 4 * int(np.prod(want[job[0]].shape))
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _display_key(path, target) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -151,35 +152,49 @@ def _unreadable(path, e) -> WeightsError:
 
 class SafetensorsFiles(Mapping):
     """The tensors of one or more safetensors files as a read-only mapping; a tensor is read (as a numpy
-    array, from the memory-mapped file) only when it is looked up. A tensor name in two files is an error."""
+    array, from the memory-mapped file) only when it is looked up. A tensor name in two files is an error.
+
+    `release()` unmaps the files (they are mapped again on the next lookup): a loader that calls it between
+    batches of tensors never has more than one batch of the files' pages resident beside the arrays it made."""
 
     def __init__(self, files):
-        from safetensors import safe_open
-
-        self._handles, self._where = [], {}
-        for path in files:
-            try:
-                handle = safe_open(str(path), framework="numpy")
-                keys = list(handle.keys())
-            except Exception as e:
-                raise _unreadable(path, e) from None
-            self._handles.append((path, handle))
-            for k in keys:
+        self._paths, self._where, self._handles = [Path(f) for f in files], {}, {}
+        self._lock = threading.Lock()
+        for i, path in enumerate(self._paths):
+            for k in self._handle(i).keys():
                 if k in self._where:
-                    first = self._handles[self._where[k]][0]
+                    first = self._paths[self._where[k]]
                     raise WeightsError(f"tensor {k!r} is in two weight files, {first} and {path}: "
                                        "which one is meant is unknown (a broken sharded checkpoint?)")
-                self._where[k] = len(self._handles) - 1
+                self._where[k] = i
+        self.release()
+
+    def _handle(self, i: int):
+        from safetensors import safe_open
+
+        with self._lock:
+            if i not in self._handles:
+                try:
+                    self._handles[i] = safe_open(str(self._paths[i]), framework="numpy")
+                except Exception as e:
+                    raise _unreadable(self._paths[i], e) from None
+            return self._handles[i]
+
+    def release(self) -> None:
+        with self._lock:
+            self._handles.clear()
 
     def file_of(self, key) -> Path:
-        return Path(self._handles[self._where[key]][0])
+        return self._paths[self._where[key]]
 
     def __getitem__(self, key):
-        path, handle = self._handles[self._where[key]]
+        i = self._where[key]
         try:
-            return handle.get_tensor(key)
+            return self._handle(i).get_tensor(key)
+        except WeightsError:
+            raise
         except Exception as e:
-            raise _unreadable(path, e) from None
+            raise _unreadable(self._paths[i], e) from None
 
     def __iter__(self):
         return iter(self._where)
@@ -224,7 +239,8 @@ def check_output_dir(path, command: str, overwrite: bool = False, protect=(), ow
         raise SdjaxError(f"output {path} is a file, not a folder")
     previous = None
     if path.is_dir():
-        entries = [p.name for p in path.iterdir()]
+        # a temp file (another process's write probe, a write in flight) is never content
+        entries = [p.name for p in path.iterdir() if not p.name.endswith(TMP_SUFFIX)]
         if (path / OUTPUT_MARKER).is_file():
             try:
                 previous = json.loads((path / OUTPUT_MARKER).read_text())
@@ -257,3 +273,37 @@ def record_output(path, command: str, files=(), previous: dict | None = None, **
         if target.is_file() and target.parent.resolve() == path.resolve():
             target.unlink()
     write_json(path / OUTPUT_MARKER, {"command": command, "files": files, **extra})
+
+
+# ---------------------------------------------------------------- host memory (glibc malloc)
+_M_MMAP_THRESHOLD = -3
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def release_free_host_memory() -> bool:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim(0)`; a no-op elsewhere). Called after
+    weights are loaded: converting a checkpoint frees as much as it keeps, and glibc holds freed arenas."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
+
+
+def limit_host_heap(mmap_threshold: int = 1 << 20) -> bool:
+    """Serve allocations of `mmap_threshold` bytes or more with their own mappings, returned to the OS when
+    freed (glibc `mallopt(M_MMAP_THRESHOLD)`; it also stops glibc raising the threshold as large blocks are
+    freed, which keeps freed weight-sized blocks in the heap). Process-wide: the `sdjax` command calls it at
+    start; a program embedding sdjax decides for itself. Returns whether it applied."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))

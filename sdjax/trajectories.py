@@ -129,9 +129,9 @@ def verify_shard(path: Path, entry: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def exclusive(out_dir: Path, what: str = "sdjax trajectories"):
+def exclusive(out_dir: Path, what: str = "sdjax trajectories", lock: str = LOCK):
     """Hold an exclusive lock on `out_dir` for the duration (a second run fails at once, naming the holder)."""
-    path = out_dir / LOCK
+    path = out_dir / lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -156,12 +156,20 @@ def run_trajectories(pipe, params, prompts: list[str], out_dir, *, batch_size: i
                      guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
                      width: int | None = None, save_images: bool = False, settings_extra: dict | None = None,
                      progress: bool = True, prompt_lines: list[int] | None = None, overwrite: bool = False,
-                     note=_note) -> dict:
-    """Generate and store the trajectories of `prompts` in `out_dir` (resuming a run there). Returns the manifest.
+                     mesh=None, note=_note) -> dict:
+    """Generate and store the trajectories of `prompts` in `out_dir` (resuming a run there). Returns the manifest
+    (with "stopped": True if SIGTERM stopped the run early: every shard written is complete; rerun to resume).
 
     prompt_lines: the prompts' line numbers in their file (named when an edited file is refused).
     overwrite: write into a non-empty folder that is not a trajectories folder.
+    mesh: split each batch over these devices (e.g. this process's local devices).
+
+    In a multi-process JAX run (after `jax.distributed.initialize()`), every process calls this with the same
+    arguments and the same `out_dir` (a shared file system): batch b is done by process b % process_count
+    on its own devices, each process records its shards in `manifest-p<K>.json`, and at the end process 0
+    merges them into manifest.json. The shards, and the result, are those of a one-process run.
     """
+    import jax
     from tqdm.auto import tqdm
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -170,69 +178,138 @@ def run_trajectories(pipe, params, prompts: list[str], out_dir, *, batch_size: i
     width = pipe.default_size if width is None else width
     pipe.check_inputs(height, width, steps, batch_size)
     pipe.check_guidance(guidance_scale, (1,), "--guidance")
+    if mesh is not None and batch_size % mesh.size:
+        raise SdjaxError(f"--batch-size {batch_size} must be divisible by the {mesh.size} devices it is split over")
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, "sdjax trajectories", overwrite=overwrite, own_files=(MANIFEST, LOCK))
+    rank, count = jax.process_index(), jax.process_count()
+    check_output_dir(out_dir, "sdjax trajectories", overwrite=overwrite, own_files=(MANIFEST, LOCK, _part_name(0)))
     settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "height": height, "width": width,
                 "batch_size": batch_size, "scheduler": pipe.scheduler.name, **(settings_extra or {})}
-    with exclusive(out_dir):
-        return _run_locked(pipe, params, prompts, out_dir, settings, save_images, progress, prompt_lines, note, tqdm)
+    run = _Run(pipe, params, prompts, out_dir, settings, save_images, progress and rank == 0, prompt_lines, note,
+               mesh, rank, count)
+    if count == 1:
+        with exclusive(out_dir):
+            return run.go(tqdm)
+    from jax.experimental.multihost_utils import sync_global_devices
+
+    if rank == 0:  # before anyone writes: half-written files of an interrupted run go
+        run.remove_stale()
+    sync_global_devices("sdjax trajectories: start")
+    with exclusive(out_dir, lock=f"{LOCK}-p{rank}"):
+        manifest = run.go(tqdm)
+    sync_global_devices("sdjax trajectories: end")
+    if rank == 0:
+        manifest = run.merge()
+    sync_global_devices("sdjax trajectories: merged")
+    return read_json(out_dir / MANIFEST, "trajectories manifest") | ({"stopped": True} if manifest.get("stopped") else {})
 
 
-def _run_locked(pipe, params, prompts, out_dir, settings, save_images, progress, prompt_lines, note, tqdm):
-    manifest_path = out_dir / MANIFEST
-    remove_stale_temp_files(out_dir)  # half-written files of an interrupted run (never read)
-    if (out_dir / "images").is_dir():
-        remove_stale_temp_files(out_dir / "images")
-    if manifest_path.is_file():
-        manifest = read_json(manifest_path, "trajectories manifest")
+def _part_name(rank: int) -> str:
+    return f"manifest-p{rank}.json"
+
+
+class _Run:
+    """One process's share of a trajectories run (all of it in a one-process run)."""
+
+    def __init__(self, pipe, params, prompts, out_dir, settings, save_images, progress, prompt_lines, note, mesh,
+                 rank, count):
+        self.pipe, self.params, self.prompts, self.out_dir, self.settings = pipe, params, prompts, out_dir, settings
+        self.save_images, self.progress, self.lines, self.note, self.mesh = save_images, progress, prompt_lines, note, mesh
+        self.rank, self.count = rank, count
+        self.n_batches = (len(prompts) + settings["batch_size"] - 1) // settings["batch_size"]
+
+    def remove_stale(self):
+        remove_stale_temp_files(self.out_dir)
+        if (self.out_dir / "images").is_dir():
+            remove_stale_temp_files(self.out_dir / "images")
+
+    def mine(self, b: int) -> bool:
+        return b % self.count == self.rank
+
+    def _read(self, path: Path) -> dict:
+        manifest = read_json(path, "trajectories manifest")
         if manifest.get("format") != FORMAT:
-            raise SdjaxError(f"{manifest_path} is a {manifest.get('format')!r} manifest; this sdjax writes {FORMAT!r}: "
+            raise SdjaxError(f"{path} is a {manifest.get('format')!r} manifest; this sdjax writes {FORMAT!r}: "
                              "use another --out")
-        changed = {k: (manifest["settings"].get(k), v) for k, v in settings.items() if manifest["settings"].get(k) != v}
+        saved = manifest.get("settings", {})
+        changed = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
         if changed:
             desc = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise SdjaxError(f"{out_dir} holds a run with other settings ({desc}); use another --out "
+            raise SdjaxError(f"{self.out_dir} holds a run with other settings ({desc}); use another --out "
                              "or delete that folder to start over")
-        _check_same_prompts(manifest["prompts"], prompts, prompt_lines, out_dir)
-        kept = []
-        for entry in manifest["shards"]:
+        _check_same_prompts(manifest["prompts"], self.prompts, self.lines, self.out_dir)
+        return manifest
+
+    def known_shards(self) -> dict:
+        """Every shard a manifest or a process's part lists (a resumed run may use another process count)."""
+        entries = {}
+        for path in [self.out_dir / MANIFEST, *sorted(self.out_dir.glob(_part_name("*")))]:
+            if path.is_file():
+                for entry in self._read(path)["shards"]:
+                    entries.setdefault(entry["index"], entry)
+        return entries
+
+    def go(self, tqdm) -> dict:
+        from .preemption import stop_requested
+
+        out_dir, settings, pipe = self.out_dir, self.settings, self.pipe
+        if self.count == 1:
+            self.remove_stale()
+        shards = []
+        for b, entry in sorted(self.known_shards().items()):
             problem = verify_shard(out_dir / entry["file"], entry)
             if problem is None:
-                kept.append(entry)
-            else:
-                note(f"{entry['file']} is damaged ({problem}): it is generated again")
-        manifest["shards"] = kept
-        write_json(manifest_path, manifest)
-    else:
-        manifest = {"format": FORMAT, "settings": settings, "prompts": list(prompts), "shards": []}
-        write_json(manifest_path, manifest)
-    done = {s["index"] for s in manifest["shards"]}
+                shards.append(entry)
+            elif self.mine(b):
+                self.note(f"{entry['file']} is damaged ({problem}): it is generated again")
+        manifest = {"format": FORMAT, "settings": settings, "prompts": list(self.prompts), "shards": shards}
+        path = out_dir / (MANIFEST if self.count == 1 else _part_name(self.rank))
+        write_json(path, manifest)
+        if self.count > 1 and self.rank == 0 and not (out_dir / MANIFEST).is_file():
+            write_json(out_dir / MANIFEST, manifest | {"shards": []})  # the folder says what it is from the start
+        done = {s["index"] for s in shards}
 
-    batch_size, seed, steps = settings["batch_size"], settings["seed"], settings["steps"]
-    height, width = settings["height"], settings["width"]
-    n_batches = (len(prompts) + batch_size - 1) // batch_size
-    if save_images:
-        (out_dir / "images").mkdir(exist_ok=True)
-    bar = tqdm(total=n_batches, initial=len(done), desc="trajectories", unit="batch", disable=not progress)
-    for b in range(n_batches):
-        if b in done:
-            continue
-        idx = list(range(b * batch_size, min((b + 1) * batch_size, len(prompts))))
-        batch_prompts = [prompts[i] for i in idx]
-        seeds = sample_seeds(seed, idx)
-        out = pipe(pipe.prepare_inputs(batch_prompts), params, loop_key(seed, b),
-                   num_inference_steps=steps, guidance_scale=settings["guidance_scale"], height=height, width=width,
-                   latents=initial_latents(pipe, seeds, height, width), return_trajectory=True)
-        if save_images:
-            for i, img in zip(idx, np.asarray(out.images)):
-                write_png(out_dir / "images" / f"{i:05d}.png", img)
-        check = save_shard(out_dir / shard_name(b), out.trajectory, seeds, batch_prompts, idx, settings)
-        manifest["shards"].append({"index": b, "file": shard_name(b), "prompt_indices": idx, **check})
-        manifest["shards"].sort(key=lambda s: s["index"])
-        write_json(manifest_path, manifest)  # the shard counts from here on
-        bar.update(1)
-    bar.close()
-    return manifest
+        batch_size, seed, steps = settings["batch_size"], settings["seed"], settings["steps"]
+        height, width = settings["height"], settings["width"]
+        if self.save_images:
+            (out_dir / "images").mkdir(exist_ok=True)
+        todo = [b for b in range(self.n_batches) if b not in done and self.mine(b)]
+        bar = tqdm(total=self.n_batches, initial=len(done), desc="trajectories", unit="batch", disable=not self.progress)
+        with stop_requested() as stop:
+            for b in todo:
+                if stop:
+                    manifest["stopped"] = True
+                    break
+                idx = list(range(b * batch_size, min((b + 1) * batch_size, len(self.prompts))))
+                batch_prompts = [self.prompts[i] for i in idx]
+                seeds = sample_seeds(seed, idx)
+                latents = initial_latents(pipe, seeds, height, width)
+                ids = pipe.prepare_inputs(batch_prompts)
+                mesh = self.mesh if self.mesh is not None and len(idx) % self.mesh.size == 0 else None
+                out = pipe(ids, self.params, loop_key(seed, b), num_inference_steps=steps,
+                           guidance_scale=settings["guidance_scale"], height=height, width=width, latents=latents,
+                           return_trajectory=True, mesh=mesh)
+                if self.save_images:
+                    for i, img in zip(idx, np.asarray(out.images)):
+                        write_png(out_dir / "images" / f"{i:05d}.png", img)
+                check = save_shard(out_dir / shard_name(b), out.trajectory, seeds, batch_prompts,
+                                   idx, settings)
+                manifest["shards"].append({"index": b, "file": shard_name(b), "prompt_indices": idx, **check})
+                manifest["shards"].sort(key=lambda s: s["index"])
+                write_json(path, {k: v for k, v in manifest.items() if k != "stopped"})  # the shard counts from here
+                bar.update(1)
+        bar.close()
+        return manifest
+
+    def merge(self) -> dict:
+        """Process 0, after every process finished: the parts' shards into manifest.json, then the parts go."""
+        entries = self.known_shards()
+        manifest = {"format": FORMAT, "settings": self.settings, "prompts": list(self.prompts),
+                    "shards": [entries[b] for b in sorted(entries)]}
+        write_json(self.out_dir / MANIFEST, manifest)
+        for part in self.out_dir.glob(_part_name("*")):
+            part.unlink()
+        return manifest
 
 
 def _check_same_prompts(saved: list[str], prompts: list[str], lines: list[int] | None, out_dir: Path) -> None:
@@ -244,3 +321,148 @@ def _check_same_prompts(saved: list[str], prompts: list[str], lines: list[int] |
     if len(saved) != len(prompts):
         raise SdjaxError(f"the run in {out_dir} has {len(saved)} prompts, the prompts file {len(prompts)}; "
                          "use another --out for new prompts")
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def load(out_dir, verify: bool = False) -> "Trajectories":
+    """The trajectories in a `sdjax trajectories` folder, for reading (e.g. as a student's training data).
+
+    verify: check every shard's size and SHA-256 against the manifest first (reads every byte once).
+    """
+    return Trajectories(out_dir, verify=verify)
+
+
+class Trajectories:
+    """Random access to a trajectories folder's stored runs, one per prompt, over memory-mapped shards: an item
+    is read from the files when it is asked for (only its own slice), so a folder larger than memory is fine.
+
+        traj = sdjax.trajectories.load("runs/traj")
+        len(traj), traj.prompts[0]
+        traj[i]             # the i-th stored run: latents [T+1,C,h,w], pred_original_samples [T,C,h,w],
+                            # timesteps [T], noise_levels [T], seed, prompt, prompt_index
+        traj.examples()     # one example per (run, step): x_t, t, noise_level, x0_hat, final, prompt, ...
+
+    Both are random-access sources (len + getitem), which is what `grain.MapDataset.source` takes:
+        grain.MapDataset.source(traj.examples()).shuffle(seed=0).batch(64)
+    `traj.examples().batches(64, seed=0)` is the same as a plain iterator of numpy batches.
+
+    Complete runs only: a shard the manifest (or, in a multi-process run still going, a process's part)
+    does not list is not read. When the run is complete, item i is prompt i.
+    """
+
+    def __init__(self, out_dir, verify: bool = False):
+        self.out_dir = Path(out_dir)
+        path = self.out_dir / MANIFEST
+        if not path.is_file():
+            raise SdjaxError(f"{self.out_dir} is not a trajectories folder (no {MANIFEST}; write one with "
+                             "`sdjax trajectories`)")
+        manifest = read_json(path, "trajectories manifest")
+        if manifest.get("format") != FORMAT:
+            raise SdjaxError(f"{path} is a {manifest.get('format')!r} manifest; this sdjax reads {FORMAT!r}")
+        entries = {s["index"]: s for s in manifest["shards"]}
+        for part in sorted(self.out_dir.glob(_part_name("*"))):
+            for s in read_json(part, "trajectories manifest").get("shards", []):
+                entries.setdefault(s["index"], s)
+        self.settings, self.prompts = manifest["settings"], list(manifest["prompts"])
+        self._files, self._where = [], []
+        for b in sorted(entries):
+            entry = entries[b]
+            if verify and (problem := verify_shard(self.out_dir / entry["file"], entry)) is not None:
+                raise SdjaxError(f"{self.out_dir / entry['file']} is damaged ({problem}); rerun `sdjax trajectories` "
+                                 "on this folder to redo it")
+            self._files.append(self.out_dir / entry["file"])
+            self._where += [(len(self._files) - 1, column, p) for column, p in enumerate(entry["prompt_indices"])]
+        self.prompt_indices = [p for _, _, p in self._where]
+        self._handles = {}
+        self.num_steps = int(self.settings["steps"])
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getstate__(self):  # picklable (grain's worker processes): the file handles are opened again there
+        return self.__dict__ | {"_handles": {}}
+
+    def _shard(self, f: int):
+        from safetensors import safe_open
+
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(self._files[f]), framework="numpy")
+            except Exception as e:
+                raise SdjaxError(f"cannot read trajectory shard {self._files[f]}: {type(e).__name__}: {e}") from None
+        return self._handles[f]
+
+    def _column(self, f: int, name: str, column: int, step=slice(None)):
+        sliced = self._shard(f).get_slice(name)
+        return sliced[step, column] if name in ("latents", "pred_original_samples") else sliced[column]
+
+    def __getitem__(self, i: int) -> dict:
+        f, column, prompt_index = self._where[i]
+        shard = self._shard(f)
+        return {
+            "latents": self._column(f, "latents", column),
+            "pred_original_samples": self._column(f, "pred_original_samples", column),
+            "timesteps": shard.get_tensor("timesteps"),
+            "noise_levels": shard.get_tensor("noise_levels"),
+            "seed": int(self._column(f, "seeds", column)),
+            "prompt": self.prompts[prompt_index],
+            "prompt_index": prompt_index,
+        }
+
+    def examples(self) -> "TrajectoryExamples":
+        return TrajectoryExamples(self)
+
+
+class TrajectoryExamples:
+    """One training example per (stored run, denoising step): for a distillation- or consistency-style loop.
+
+    example k = run k // T, step k % T:
+        x_t          the latent entering that step (latents[step])          [C,h,w] float32
+        t            its timestep; noise_level: its noise level (sigma)    float32
+        x0_hat       the model's one-step prediction of the clean latent   [C,h,w]
+        next         the latent after the step (latents[step + 1])        [C,h,w]
+        final        the run's final latent (latents[-1])                 [C,h,w]
+        step, prompt, prompt_index
+    """
+
+    def __init__(self, trajectories: Trajectories):
+        self.trajectories = trajectories
+        self.num_steps = trajectories.num_steps
+
+    def __len__(self) -> int:
+        return len(self.trajectories) * self.num_steps
+
+    def __getitem__(self, k: int) -> dict:
+        run, step = divmod(int(k), self.num_steps)
+        if not 0 <= run < len(self.trajectories):
+            raise IndexError(f"example {k} of {len(self)}")
+        traj = self.trajectories
+        f, column, prompt_index = traj._where[run]
+        shard = traj._shard(f)
+        latents = traj._column(f, "latents", column, slice(step, step + 2))
+        return {
+            "x_t": latents[0],
+            "next": latents[1],
+            "final": traj._column(f, "latents", column, slice(self.num_steps, self.num_steps + 1))[0],
+            "x0_hat": traj._column(f, "pred_original_samples", column, slice(step, step + 1))[0],
+            "t": shard.get_slice("timesteps")[step],
+            "noise_level": shard.get_slice("noise_levels")[step],
+            "step": step,
+            "prompt": traj.prompts[prompt_index],
+            "prompt_index": prompt_index,
+        }
+
+    def batches(self, batch_size: int, seed: int = 0, shuffle: bool = True, drop_remainder: bool = True,
+                epochs: int | None = 1):
+        """Batches of examples as dicts of stacked numpy arrays (prompts as a list), in a random order per
+        epoch from `seed` (epochs=None: forever)."""
+        rng = np.random.default_rng(seed)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+            stop = len(order) - (len(order) % batch_size if drop_remainder else 0)
+            for s in range(0, stop, batch_size):
+                items = [self[int(k)] for k in order[s:s + batch_size]]
+                yield {key: ([it[key] for it in items] if key == "prompt" else np.stack([it[key] for it in items]))
+                       for key in items[0]}
+            epoch += 1

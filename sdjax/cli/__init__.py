@@ -14,6 +14,7 @@ import os
 import sys
 
 from ..errors import SdjaxError
+from ..io import limit_host_heap
 from . import edit, generate, train, viz
 
 
@@ -72,6 +73,7 @@ def quiet_libraries() -> None:
 
 def main(argv=None) -> int:
     quiet_libraries()
+    limit_host_heap()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

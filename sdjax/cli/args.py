@@ -64,3 +64,19 @@ def labels(text: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"head {head!r} is given twice in {text!r}")
         out[head] = label
     return out
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that run over several processes (see sdjax.distributed)."""
+    g = p.add_argument_group("several processes (TPU pod slices, several GPU hosts)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run whose peers JAX finds itself (TPU pod slice, SLURM, Open MPI)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for every process")
+    g.add_argument("--num-processes", type=positive_int, help="how many processes take part")
+    g.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
+
+
+def init_distributed(args) -> bool:
+    from ..distributed import initialize
+
+    return initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .args import finite_float, labels, positive_int, seed
+from .args import add_distributed_args, finite_float, init_distributed, labels, positive_int, seed
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,6 +54,7 @@ def add_commands(sub) -> None:
                    help="prompts per compiled call and per shard (default: 4)")
     t.add_argument("--save-images", action="store_true", help="also write each final image as PNG")
     add_out_args(t, "output folder (rerun the same command to resume)")
+    add_distributed_args(t)
     t.set_defaults(func=cmd_trajectories)
 
 
@@ -160,11 +161,26 @@ def cmd_trajectories(args) -> None:
     from ..io import check_output_dir
     from ..trajectories import LOCK, MANIFEST, read_prompts, run_trajectories
 
+    import jax
+
+    from ..distributed import local_mesh
+
+    init_distributed(args)
     prompts, lines = read_prompts(args.prompts)
     check_output_dir(args.out, "sdjax trajectories", overwrite=args.overwrite, own_files=(MANIFEST, LOCK))
     pipe, params, model, steps, guidance = load_pipeline(args)
+    # each batch split over this process's devices when it divides evenly
+    n_local = jax.local_device_count()
+    mesh = local_mesh() if n_local > 1 and args.batch_size % n_local == 0 else None
     manifest = run_trajectories(pipe, params, prompts, args.out, batch_size=args.batch_size, steps=steps,
                                 guidance_scale=guidance, seed=args.seed, height=args.height, width=args.width,
                                 save_images=args.save_images, settings_extra={"model": model, "dtype": args.dtype},
-                                prompt_lines=lines, overwrite=args.overwrite)
-    print(f"{len(manifest['shards'])} shard(s) for {len(prompts)} prompts in {args.out} (manifest.json)")
+                                prompt_lines=lines, overwrite=args.overwrite, mesh=mesh)
+    if jax.process_index() != 0:
+        return
+    n_batches = -(-len(prompts) // args.batch_size)
+    if manifest.get("stopped"):
+        print(f"stopped (SIGTERM) with {len(manifest['shards'])} of {n_batches} shard(s) complete in {args.out}; "
+              "rerun the same command to resume")
+    else:
+        print(f"{len(manifest['shards'])} shard(s) for {len(prompts)} prompts in {args.out} (manifest.json)")

@@ -31,7 +31,7 @@ from ..hub import resolve_folder
 from .attention import ATTENTION_KERNELS, check_kernel
 from .resnet import CONV_KERNELS
 from ..validation import check_fields, check_value
-from ..io import LOAD_THREADS, SafetensorsFiles, listing, read_json, write_json, write_safetensors
+from ..io import LOAD_THREADS, SafetensorsFiles, listing, read_json, release_free_host_memory, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ class FlaxModelMixin:
             params, report = convert.torch_to_flax(state, expected, self._key_renames, self._ignored_keys,
                                                    materialize=materialize, max_workers=LOAD_THREADS,
                                                    check_finite=check_finite)
+        release_free_host_memory()
         if not report.ok:
             raise WeightsError(_mismatch_message(type(self).__name__, files, report, n_expected=len(convert.flat_params(expected))))
         return params
