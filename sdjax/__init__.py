@@ -7,17 +7,18 @@ __version__ = "0.1.0"
 
 from .compilation import enable_compile_cache
 from .errors import ConfigError, InputError, NonFiniteError, SdjaxError, WeightsError
-from .models import ControlNetModel
+from .models import ControlNetModel, NoiseClassifier
 from .pipelines import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline
-from .pipelines import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
-                        FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline, FlaxStableDiffusionPipelineOutput,
-                        FlaxStableDiffusionUpscalePipeline, Trajectory, show_progress)
+from .pipelines import (FlaxStableDiffusionClassifierGuidedPipeline, FlaxStableDiffusionImg2ImgPipeline,
+                        FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionMergePipeline, FlaxStableDiffusionPipeline,
+                        FlaxStableDiffusionPipelineOutput, FlaxStableDiffusionUpscalePipeline, Trajectory, show_progress)
 from .pipelines import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLPipeline, load_pipeline
 from .schedulers import get_scheduler
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "get_scheduler",
-           "enable_compile_cache", "show_progress", "ControlNetModel", "ConfigError", "InputError", "NonFiniteError", "SdjaxError",
-           "WeightsError", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline", "load_pipeline",
-           "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline",
-           "FlaxStableDiffusionUpscalePipeline"]
+           "enable_compile_cache", "show_progress", "ControlNetModel", "NoiseClassifier", "ConfigError", "InputError",
+           "NonFiniteError", "SdjaxError", "WeightsError", "FlaxStableDiffusionXLPipeline",
+           "FlaxStableDiffusionXLImg2ImgPipeline", "load_pipeline", "FlaxStableDiffusionControlNetPipeline",
+           "FlaxStableDiffusionControlNetImg2ImgPipeline", "FlaxStableDiffusionUpscalePipeline",
+           "FlaxStableDiffusionClassifierGuidedPipeline"]

@@ -7,6 +7,12 @@ unconditional one. `guidance_scale` is traced ([B] or a scalar), so changing it 
 Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4;
 diffusers' `rescale_noise_cfg`): the guided prediction is scaled to the conditional one's standard deviation
 and mixed back with weight `guidance_rescale` (traced too; 0 leaves the guided prediction exactly as it is).
+
+Classifier guidance (Dhariwal & Nichol 2021, for DDIM / epsilon-prediction: eq. 14 and Algorithm 2): a classifier
+p(y | x_t, t) trained on noisy samples steers the prediction with eps_hat = eps - s sqrt(1 - alpha_bar_t)
+grad_x log p(y | x_t), i.e. the score of p(x_t) p(y | x_t)^s. `classifier_guidance` applies it to a model output
+of any parameterization (the output that implies eps_hat at the same x_t); the pipeline that computes the
+gradient is `sdjax.pipelines.classifier_guidance`.
 """
 
 from __future__ import annotations
@@ -40,3 +46,30 @@ def classifier_free_guidance(noise_pred, guidance_scale, guidance_rescale=None):
     if guidance_rescale is None:
         return guided
     return rescale_noise_cfg(guided, cond, guidance_rescale)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def classifier_guidance(model_output, grad, scale, alpha_bar, prediction_type: str = "epsilon"):
+    """model_output [B, ...] shifted so that its implied noise is eps - s sqrt(1 - alpha_bar) grad.
+
+    grad: grad_x log p(y | x_t) [B, ...] at the alpha-space sample x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps.
+    scale: s, a number or [B] (traced); alpha_bar: alpha_bar_t of this step (a scalar).
+    With x_t fixed, a change d of eps changes v by d / sqrt(alpha_bar) and x0 by -d sqrt(1 - alpha_bar) /
+    sqrt(alpha_bar), so every parameterization gets the same x̂0 and eps_hat. Where s == 0 the output is
+    `model_output` itself, bit for bit (the same program, any s).
+    """
+    out = model_output.astype(jnp.float32)
+    s = _per_sample(scale, out.ndim)
+    alpha_bar = jnp.asarray(alpha_bar, jnp.float32)
+    d_eps = -s * jnp.sqrt(1.0 - alpha_bar) * grad.astype(jnp.float32)
+    if prediction_type == "epsilon":
+        delta = d_eps
+    elif prediction_type == "v_prediction":
+        delta = d_eps / jnp.sqrt(alpha_bar)
+    elif prediction_type == "sample":
+        delta = -d_eps * jnp.sqrt(1.0 - alpha_bar) / jnp.sqrt(alpha_bar)
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+    return jnp.where(s == 0, out, out + delta)

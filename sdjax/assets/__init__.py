@@ -1,12 +1,14 @@
 """Files shipped with sdjax: the trained toy LDM (`toy-shapes/`), the offline default model, and its silhouette
 ControlNet (`toy-shapes-controlnet/`, a diffusers ControlNet folder: `sdjax train controlnet`). The toy cascade's
-second stage (`toy-shapes-upscaler/`, 32x32 -> 64x64) has its place here but is not shipped yet (docs/cascade.md)."""
+second stage (`toy-shapes-upscaler/`, 32x32 -> 64x64) has its place here but is not shipped yet (docs/cascade.md). The noise-conditional
+classifier trained on its latents for classifier guidance (`toy-shapes-classifier/`)."""
 
 from pathlib import Path
 
 from ..errors import SdjaxError
 
 TOY_MODEL = Path(__file__).parent / "toy-shapes"
+TOY_CLASSIFIER = Path(__file__).parent / "toy-shapes-classifier"
 TOY_CONTROLNET = Path(__file__).parent / "toy-shapes-controlnet"
 TOY_UPSCALER = Path(__file__).parent / "toy-shapes-upscaler"
 
@@ -34,3 +36,10 @@ def toy_upscaler_path() -> Path:
                          "train one, and why it is not shipped); pass an upscaler folder instead (--upscaler PATH, "
                          "--model PATH for sdjax upscale)")
     return TOY_UPSCALER
+
+
+def toy_classifier_path() -> Path:
+    if not (TOY_CLASSIFIER / "config.json").is_file():
+        raise SdjaxError(f"the shipped toy classifier is missing from {TOY_CLASSIFIER}; reinstall sdjax, or pass "
+                         "--classifier")
+    return TOY_CLASSIFIER

@@ -51,6 +51,21 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def labels(text: str) -> dict[str, str]:
+    """"color=red,shape=square" -> {"color": "red", "shape": "square"} (the heads and labels are checked against the
+    classifier once it is loaded)."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        head, sep, label = (part.strip() for part in item.partition("="))
+        if not sep or not head or not label:
+            raise argparse.ArgumentTypeError(f"expected HEAD=LABEL[,HEAD=LABEL...] (e.g. color=red,shape=square), "
+                                             f"got {text!r}")
+        if head in out:
+            raise argparse.ArgumentTypeError(f"head {head!r} is given twice in {text!r}")
+        out[head] = label
+    return out
+
+
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     """Options of the commands that run over several processes (see sdjax.distributed)."""
     g = p.add_argument_group("several processes (TPU pod slices, several GPU hosts)")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError, SdjaxError
-from .args import add_distributed_args, finite_float, init_distributed, positive_int, seed
+from .args import add_distributed_args, finite_float, init_distributed, labels, positive_int, seed
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "lms", "dpm_solver_pp_2m", "heun")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -53,6 +53,14 @@ def add_commands(sub) -> None:
     c.add_argument("--guess-mode", action="store_true",
                    help="the ControlNets steer only the prompt's half of classifier-free guidance (diffusers' guess mode)")
     add_upscaler_args(g)
+    g.add_argument("--labels", type=labels, default=None, metavar="HEAD=LABEL,...",
+                   help="classifier guidance toward these labels, e.g. color=red,shape=square (with --prompt \"\": "
+                        "classifier guidance alone)")
+    g.add_argument("--classifier", default=None, metavar="PATH",
+                   help="the noise-conditional classifier for --labels (default for the toy model: the shipped "
+                        "sdjax/assets/toy-shapes-classifier)")
+    g.add_argument("--classifier-scale", type=finite_float, default=None,
+                   help="classifier guidance scale s (default: 6)")
     add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -153,6 +161,26 @@ def negative_ids(pipe, negative_prompt: str, n: int):
     return pipe.prepare_inputs([negative_prompt] * n) if negative_prompt else None
 
 
+def load_classifier(args):
+    """(path, classifier, its params, label indices [num_images, heads]) for --labels, or None; checked before
+    anything is written (an unknown head or label is one line naming it)."""
+    from ..errors import SdjaxError
+
+    if args.labels is None:
+        for given, option in ((args.classifier, "--classifier"), (args.classifier_scale, "--classifier-scale")):
+            if given is not None:
+                raise SdjaxError(f"{option} needs --labels HEAD=LABEL,... (e.g. --labels color=red)")
+        return None
+    from ..assets import toy_classifier_path
+    from ..models.noise_classifier import NoiseClassifier
+
+    if args.classifier is None and args.model is not None:
+        raise SdjaxError("--labels needs --classifier PATH (a noise-conditional classifier trained for this model)")
+    path = args.classifier or str(toy_classifier_path())
+    classifier, clf_params = NoiseClassifier.from_pretrained(path)
+    return path, classifier, clf_params, classifier.label_indices(args.labels, batch=args.num_images)
+
+
 def cmd_generate(args) -> None:
     import numpy as np
 
@@ -160,12 +188,15 @@ def cmd_generate(args) -> None:
     from ..seeds import initial_noise, loop_key, sample_seeds
 
     control = check_control_args(args)
+    guide = load_classifier(args)
+    if control and guide is not None:
+        raise InputError("--controlnet with --labels (classifier guidance) is not supported")
     previous = check_output_dir(args.out, "sdjax generate", overwrite=args.overwrite)
     upscaler = load_upscaler(args, args.dtype)
+    if (control or guide is not None) and upscaler is not None:
+        raise InputError("--controlnet or --labels with --upscaler/--cascade is not supported: run sdjax upscale "
+                         "on the images")
     if control:
-        if upscaler is not None:
-            raise InputError("--controlnet with --upscaler/--cascade is not supported: run sdjax upscale on the "
-                             "controlled images")
         from ..pipelines import FlaxStableDiffusionControlNetPipeline
 
         pipe, params, model, steps, guidance = load_pipeline(args, pipeline_cls=FlaxStableDiffusionControlNetPipeline,
@@ -174,6 +205,16 @@ def cmd_generate(args) -> None:
         pipe, params, model, steps, guidance = load_pipeline(args)
     if upscaler is not None:
         return _generate_cascade(args, previous, pipe, params, model, steps, guidance, upscaler)
+    call_extra, settings_extra = {}, {}
+    if guide is not None:
+        from ..pipelines.classifier_guidance import DEFAULT_CLASSIFIER_SCALE
+        from ..pipelines.classifier_guidance import FlaxStableDiffusionClassifierGuidedPipeline as Guided
+
+        path, classifier, clf_params, label_ids = guide
+        pipe, params = Guided.from_pipe(pipe, classifier=classifier), {**params, "classifier": clf_params}
+        scale = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale
+        call_extra = {"labels": label_ids, "classifier_scale": scale}
+        settings_extra = {"classifier": path, "labels": classifier.label_dict(label_ids[0]), "classifier_scale": scale}
     out = Path(args.out)
     ids = pipe.prepare_inputs([args.prompt] * args.num_images)
     neg = negative_ids(pipe, args.negative_prompt, args.num_images)
@@ -193,7 +234,7 @@ def cmd_generate(args) -> None:
     if control:
         result = pipe(ids, control_images, params, loop_key(args.seed), **kw, **control)
     else:
-        result = pipe(ids, params, loop_key(args.seed), **kw)
+        result = pipe(ids, params, loop_key(args.seed), **kw, **call_extra)
     images = np.asarray(result.images)
     seconds = time.perf_counter() - t0
     files = []
@@ -205,7 +246,7 @@ def cmd_generate(args) -> None:
         "model": model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": steps,
         "guidance_scale": guidance, "seed": args.seed, "height": images.shape[1], "width": images.shape[2],
         "scheduler": pipe.scheduler.name, "dtype": args.dtype, "num_images": args.num_images, "images": files,
-        "seconds_including_compile": round(seconds, 3),
+        "seconds_including_compile": round(seconds, 3), **settings_extra,
     } | ({"controlnet": list(args.controlnet), "control_image": list(args.control_image), **control} if control
          else {}))
     record_output(out, "sdjax generate", files + ["settings.json"], previous)

@@ -4,6 +4,7 @@
     sdjax train ldm         --config shapes_ldm         --workdir runs/shapes_ldm
     sdjax train export --workdir runs/shapes_ldm --out sdjax/assets/toy-shapes
     sdjax train controlnet  --config shapes_controlnet  --workdir runs/shapes_controlnet
+    sdjax train classifier  --config shapes_classifier  --workdir runs/shapes_noise_classifier
     sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
 
 Every stage takes the same options (--config NAME_OR_FILE, --workdir, --set KEY=VALUE..., --until-step)
@@ -24,6 +25,7 @@ STAGES = {
     "ldm": ("ldm", "shapes_ldm"),
     "controlnet": ("controlnet", "shapes_controlnet"),
     "upscaler": ("upscaler", "shapes_upscaler"),  # the toy cascade's stage 2 (32x32 -> 64x64)
+    "classifier": ("classifier", "shapes_classifier"),
 }
 
 
@@ -43,8 +45,10 @@ def add_commands(sub) -> None:
         add_distributed_args(s)
         s.set_defaults(func=cmd_stage, command_path=["train", name])
 
-    e = stages.add_parser("export", help="write a stage-2 or upscaler workdir's model as a diffusers pipeline folder")
-    e.add_argument("--workdir", required=True, help="a stage-2 (sdjax train ldm) or sdjax train upscaler workdir")
+    e = stages.add_parser("export", help="write a stage-2 or upscaler workdir's model as a diffusers pipeline folder "
+                                         "(a classifier workdir's classifier as its model folder)")
+    e.add_argument("--workdir", required=True,
+                   help="a stage-2 (sdjax train ldm), sdjax train upscaler or sdjax train classifier workdir")
     e.add_argument("--out", required=True, help="the pipeline folder to write")
     e.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
@@ -81,6 +85,18 @@ def add_commands(sub) -> None:
     c.add_argument("--classifier-dir", default="runs/shapes_classifier")
     c.add_argument("--report", default=None, help="markdown table (+ .png plot) to write; default OUT/compression.md")
     c.set_defaults(func=cmd_compression_study, command_path=["train", "compression-study"])
+    gs = stages.add_parser("guidance-study", help="classifier guidance vs classifier-free guidance vs both: adherence "
+                                                  "and FD (docs/guidance.md)")
+    gs.add_argument("--out", default="runs/guidance")
+    gs.add_argument("--report", default=None, help="markdown table (+ plots) to write; default OUT/guidance.md")
+    gs.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
+    gs.add_argument("--classifier", default=None, help="guiding classifier folder (default: the shipped one)")
+    gs.add_argument("--classifier-dir", default="runs/shapes_classifier",
+                    help="where the evaluation classifier is cached (trained there on first use)")
+    gs.add_argument("--per-caption", type=positive_int, default=4)
+    gs.add_argument("--steps", type=positive_int, default=25)
+    gs.add_argument("--seed", type=seed, default=0)
+    gs.set_defaults(func=cmd_guidance_study, command_path=["train", "guidance-study"])
     t.set_defaults(func=lambda args: t.print_help(), command_path=["train"])
 
 
@@ -103,14 +119,34 @@ def cmd_stage(args) -> None:
 def cmd_export(args) -> None:
     import jax.numpy as jnp
 
-    from ..train import upscaler
+    from ..train import classifier, upscaler
     from ..train.ldm import export_from_workdir
 
-    if upscaler.is_upscaler_workdir(args.workdir):
-        export_from_workdir = upscaler.export_from_workdir
-    out = export_from_workdir(args.workdir, args.out, dtype=jnp.dtype(args.dtype), use_ema=not args.no_ema,
-                              overwrite=args.overwrite)
+    if _workdir_command(args.workdir) == classifier.COMMAND:  # the classifier's float32 weights, as trained
+        if args.no_ema or args.dtype != "float32":
+            from ..errors import InputError
+
+            raise InputError(f"{args.workdir} is a classifier workdir: --no-ema and --dtype are for stage-2 "
+                             "(sdjax train ldm) workdirs; the classifier is exported as trained (float32, no EMA)")
+        out = classifier.export_from_workdir(args.workdir, args.out, overwrite=args.overwrite)
+    else:
+        if upscaler.is_upscaler_workdir(args.workdir):
+            export_from_workdir = upscaler.export_from_workdir
+        out = export_from_workdir(args.workdir, args.out, dtype=jnp.dtype(args.dtype), use_ema=not args.no_ema,
+                                  overwrite=args.overwrite)
     print(f"wrote {out}")
+
+
+def _workdir_command(workdir) -> str | None:
+    """The training command that made `workdir` (its output marker), or None."""
+    from pathlib import Path
+
+    from ..io import OUTPUT_MARKER
+
+    try:
+        return json.loads((Path(workdir) / OUTPUT_MARKER).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def cmd_evaluate(args) -> None:
@@ -165,3 +201,14 @@ def _evaluate_cascade(args, model, files) -> None:
             files |= {f"eval_cascade_{tag}.json", f"bicubic_{tag}.png", f"comparison_{tag}.png"}
             files |= {f"cascade_{tag}_nl{level}.png" for level in levels}
             record_output(args.out, "sdjax train evaluate", sorted(files))
+
+
+def cmd_guidance_study(args) -> None:
+    from ..io import check_output_dir
+    from ..train.guidance_study import run_study
+
+    check_output_dir(args.out, "sdjax train guidance-study", own_files=("results.json",))
+    _logging()
+    report = run_study(args.out, args.report, args.model, args.classifier, args.classifier_dir, args.per_caption,
+                       args.steps, args.seed)
+    print(f"wrote {report} and its pictures")

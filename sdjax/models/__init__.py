@@ -2,3 +2,4 @@
 
 from .controlnet import ControlNetModel, ControlNetOutput, check_compatible
 from .modeling_utils import FlaxModelMixin
+from .noise_classifier import NoiseClassifier

@@ -8,10 +8,12 @@ from .output import FlaxStableDiffusionPipelineOutput, Trajectory
 from .stable_diffusion import FlaxStableDiffusionPipeline
 from .stable_diffusion_xl import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLPipeline
 from .auto import load_pipeline
+from .classifier_guidance import FlaxStableDiffusionClassifierGuidedPipeline
 from .upscale import FlaxStableDiffusionUpscalePipeline
 
 __all__ = ["FlaxStableDiffusionPipeline", "FlaxStableDiffusionImg2ImgPipeline", "FlaxStableDiffusionInpaintPipeline",
            "FlaxStableDiffusionMergePipeline", "FlaxStableDiffusionPipelineOutput", "Trajectory", "Settings",
            "Conditioning", "denoise", "show_progress", "FlaxStableDiffusionXLPipeline", "FlaxStableDiffusionXLImg2ImgPipeline",
            "load_pipeline", "FlaxStableDiffusionControlNetPipeline", "FlaxStableDiffusionControlNetImg2ImgPipeline",
-           "FlaxStableDiffusionUpscalePipeline"]
+           "FlaxStableDiffusionUpscalePipeline",
+           "FlaxStableDiffusionClassifierGuidedPipeline"]

@@ -194,6 +194,11 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
 
         return model_fn
 
+    def guidance_inputs(self, inputs: dict) -> dict:
+        """More keyword arguments of `guided_model` from the call's (traced) inputs: none for text guidance; the
+        classifier-guided pipeline passes its labels and classifier scale."""
+        return {}
+
     def condition(self, settings: Settings, inputs: dict, params, state, noise_key) -> Conditioning:
         """What the denoising starts from and is conditioned on besides the text (traced). Text-to-image: noise
         (or the given latents) at the first step's noise level; subclasses add images, masks, controls."""
@@ -217,7 +222,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         state = self.scheduler.begin_at(state, cond.start)
         model_fn = self.guided_model(params, context, inputs["guidance_scale"], settings.output_attentions,
                                      extra_channels=cond.extra_channels, unet_inputs=cond.unet_inputs,
-                                     guidance_rescale=inputs.get("guidance_rescale"))
+                                     guidance_rescale=inputs.get("guidance_rescale"), **self.guidance_inputs(inputs))
         final, trajectory, first_nonfinite = denoise(self.scheduler, state, cond.latents, model_fn, loop_key,
                                                      start=cond.start, end=cond.end, post_step=cond.post_step,
                                                      return_trajectory=settings.return_trajectory,
