@@ -9,6 +9,10 @@
 random size and position; caption "a {color} {shape} on a {background} background". Image i depends
 only on (seed, i), so the first n images are the same whatever n is.
 
+NEW_SHAPES ("star") are shapes the shipped model never saw, for teaching it one with an adapter
+(`concept_dataset`, train/lora.py). They come after SHAPES in ALL_SHAPES, so the "shapes" images and
+labels (which the shipped model's bit-for-bit reproduction depends on) are unchanged.
+
 Batches are derived from (seed, step) (`batch_indices`), so a resumed run sees the same data order.
 """
 
@@ -28,6 +32,9 @@ logger = logging.getLogger(__name__)
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0),
           "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0)}
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("star",)  # never drawn in "shapes": concept_dataset draws them
+ALL_SHAPES = SHAPES + NEW_SHAPES  # shape label i is ALL_SHAPES[i]
+STAR_INNER = 0.5  # a star's inner radius / outer radius (a regular pentagram's is 0.38: thicker reads better at 32 px)
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
 COLOR_NAMES = tuple(COLORS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
@@ -52,7 +59,7 @@ class ImageDataset:
 
 
 def caption_for(color: int, shape: int, background: int) -> str:
-    return f"a {COLOR_NAMES[color]} {SHAPES[shape]} on a {BACKGROUND_NAMES[background]} background"
+    return f"a {COLOR_NAMES[color]} {ALL_SHAPES[shape]} on a {BACKGROUND_NAMES[background]} background"
 
 
 def all_shape_captions() -> list[tuple[tuple[int, int, int], str]]:
@@ -66,23 +73,45 @@ def render_shape(color: int, shape: int, background: int, center, radius: float,
     coords = (np.arange(n) + 0.5) / SUPERSAMPLE
     x, y = np.meshgrid(coords, coords)
     dx, dy = x - center[0], y - center[1]
-    if SHAPES[shape] == "circle":
+    name = ALL_SHAPES[shape]
+    if name == "circle":
         mask = dx * dx + dy * dy <= radius * radius
-    elif SHAPES[shape] == "square":
+    elif name == "square":
         half = radius / np.sqrt(2.0)
         mask = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    else:  # upright equilateral triangle inscribed in the circle
+    elif name == "triangle":  # upright equilateral triangle inscribed in the circle
         mask = (dy <= radius / 2) & (np.sqrt(3.0) * dx - dy <= radius) & (-np.sqrt(3.0) * dx - dy <= radius)
+    else:  # "star": upright five-pointed star, its points on the circle
+        mask = _star_mask(dx, dy, radius, radius * STAR_INNER)
     fg, bg = np.array(COLORS[COLOR_NAMES[color]]), np.array(BACKGROUNDS[BACKGROUND_NAMES[background]])
     img = np.where(mask[..., None], fg, bg)
     img = img.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.round(img * 255).astype(np.uint8)
 
 
-def shapes_example(seed: int, index: int, image_size: int = 32):
-    """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only."""
+def _star_mask(dx, dy, outer: float, inner: float):
+    """Inside an upright five-pointed star: in polar coordinates folded onto one half-point (|phi| <= pi/5), the
+    point lies on the centre's side of the edge from the outer vertex (outer, 0) to the inner one (inner, pi/5)."""
+    theta = np.arctan2(dx, -dy)  # 0 points up
+    sector = 2 * np.pi / 5
+    phi = np.abs(np.mod(theta + sector / 2, sector) - sector / 2)
+    rho = np.hypot(dx, dy)
+    px, py = rho * np.cos(phi), rho * np.sin(phi)
+    ax, ay = outer, 0.0
+    bx, by = inner * np.cos(sector / 2), inner * np.sin(sector / 2)
+    # cross((B - A), (P - A)) >= 0 on the centre's side (the centre gives (bx - ax) * 0 - by * (0 - ax) > 0)
+    return (bx - ax) * (py - ay) - (by - ay) * (px - ax) >= 0
+
+
+def shapes_example(seed: int, index: int, image_size: int = 32, shape: int | None = None):
+    """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only.
+
+    shape: draw this shape (an ALL_SHAPES index) instead of the drawn one; colour, background, size and position
+    are those of the same (seed, index) (`concept_dataset`)."""
     rng = np.random.default_rng([seed, index])
-    color, shape, background = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES))), int(rng.integers(len(BACKGROUNDS)))
+    color, shape_drawn, background = (int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES))),
+                                      int(rng.integers(len(BACKGROUNDS))))
+    shape = shape_drawn if shape is None else int(shape)
     radius = rng.uniform(0.2, 0.42) * image_size
     cx, cy = rng.uniform(radius, image_size - radius, size=2)
     return render_shape(color, shape, background, (cx, cy), radius, image_size), (color, shape, background)
@@ -93,14 +122,22 @@ def shapes_dataset(n: int, seed: int = 0, image_size: int = 32, start: int = 0) 
     return _shapes_dataset(n, seed, image_size, start)
 
 
+def concept_dataset(shape: str, n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:
+    """n images of one shape (a NEW_SHAPES name, or an old one) in every colour and background, random size and
+    position, captioned like "shapes": "a red star on a white background". A function of (seed, index)."""
+    if shape not in ALL_SHAPES:
+        raise DataError(f"unknown shape {shape!r} (shapes: {', '.join(ALL_SHAPES)})")
+    return _shapes_dataset(n, seed, image_size, start, ALL_SHAPES.index(shape))
+
+
 @functools.lru_cache(maxsize=4)
-def _shapes_dataset(n: int, seed: int, image_size: int, start: int) -> ImageDataset:
+def _shapes_dataset(n: int, seed: int, image_size: int, start: int, shape: int | None = None) -> ImageDataset:
     if image_size not in (32, 64):
         raise DataError(f"shapes: image_size must be 32 or 64, got {image_size}")
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     labels = np.empty((n, 3), np.int32)
     for i in range(n):
-        images[i], labels[i] = shapes_example(seed, start + i, image_size)
+        images[i], labels[i] = shapes_example(seed, start + i, image_size, shape)
     images.setflags(write=False)  # shared by the cache
     return ImageDataset(images, [caption_for(*l) for l in labels], labels)
 
