@@ -658,8 +658,7 @@ def save_lora(path, adapter: LoraAdapter, weight_name: str = LORA_WEIGHT_NAME_SA
         prefix = f"{component}."
         ranks, alphas, rslora, biased = {}, {}, set(), False
         for key, layer in layers.items():
-            path = tuple(key.split("/"))
-            name = _save_name(component, path)
+            name = _save_name(component, tuple(key.split("/")))
             down = np.asarray(jax.device_get(layer.down))
             up = np.asarray(jax.device_get(layer.up))
             if down.ndim == 2:
