@@ -530,3 +530,48 @@ def test_pipeline_wiring_over_sdxl_components(sdxl_folder, tmp_path):
         emb = next(v for p, v in table.items() if p[-2:] == ("token_embedding", "embedding"))
         np.testing.assert_array_equal(emb[i], np.full(32, value))
     assert isinstance(with_lora["lora"]["all"], LoraAdapter)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_lora_and_embedding_flags(sd, tiny_folder, lora_files, tmp_path, capsys):
+    """`sdjax generate --lora PATH:SCALE --lora PATH --embedding PATH`: the images the API gives, recorded in
+    settings.json; a missing or unfitting LoRA is one line and exit 2."""
+    import json
+
+    from PIL import Image
+
+    from sdjax.cli import main
+    from sdjax.cli.generate import embedding_arg, lora_arg
+    from sdjax.seeds import initial_noise, loop_key
+
+    assert lora_arg("x/a.safetensors:0.5") == ("x/a.safetensors", 0.5)
+    assert lora_arg("x/a.safetensors") == ("x/a.safetensors", 1.0)
+    assert lora_arg("hub/repo:-1") == ("hub/repo", -1.0)
+    assert embedding_arg("e.safetensors:<tok>") == ("e.safetensors", "<tok>")
+    assert embedding_arg("e.safetensors") == ("e.safetensors", None)
+    write_safetensors(tmp_path / "toy.safetensors", {"<toy>": np.full((1, TEXT["hidden_size"]), 0.3, np.float32)})
+    argv = ["generate", "--model", tiny_folder, "--prompt", "a <toy> circle", "--steps", "2", "--height", "32",
+            "--width", "32", "--lora", f"{lora_files['a']}:0.5", "--lora", lora_files["b"],
+            "--embedding", tmp_path / "toy.safetensors", "--out", tmp_path / "out"]
+    code = main([str(a) for a in argv])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    capsys.readouterr()
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert [x["scale"] for x in settings["loras"]] == [0.5, 1.0] and settings["embeddings"][0]["token"] is None
+    got = np.asarray(Image.open(tmp_path / "out" / "image-000.png"), np.float32) / 255
+
+    pipe, params = sd
+    params = pipe.load_lora_weights(lora_files["a"], params, adapter_name="x")
+    params = pipe.load_lora_weights(lora_files["b"], params, adapter_name="y")
+    pipe2, params = pipe.load_textual_inversion(tmp_path / "toy.safetensors", params)
+    want = pipe2(pipe2.prepare_inputs(["a <toy> circle"]), params, loop_key(0), num_inference_steps=2,
+                 guidance_scale=7.5, height=32, width=32, latents=initial_noise([0], pipe.latent_shape(1, 32, 32)[1:]),
+                 neg_prompt_ids=pipe2.prepare_inputs([""]), return_trajectory=False, lora_scale={"x": 0.5}).images
+    assert np.abs(got - np.asarray(want[0])).max() <= 1 / 255 + 1e-6
+
+    for extra, expect in (([f"{tmp_path / 'nope'}:0.5"], "LoRA file not found"),
+                          ([tmp_path / "toy.safetensors"], "keys match no layer")):
+        bad = argv[:-6] + ["--lora", *extra, "--out", tmp_path / "bad"]
+        assert main([str(a) for a in bad]) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loading ")]
+        assert len(err) == 1 and "sdjax generate: error:" in err[0] and expect in err[0], err
