@@ -3,6 +3,7 @@
     sdjax train autoencoder --config shapes_autoencoder --workdir runs/shapes_autoencoder
     sdjax train ldm         --config shapes_ldm         --workdir runs/shapes_ldm
     sdjax train export --workdir runs/shapes_ldm --out sdjax/assets/toy-shapes
+    sdjax train lora        --config shapes_lora        --workdir runs/shapes_lora
     sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
 
 Every stage takes the same options (--config NAME_OR_FILE, --workdir, --set KEY=VALUE..., --until-step)
@@ -20,6 +21,7 @@ from .args import finite_float, positive_float, positive_int, seed
 STAGES = {
     "autoencoder": ("autoencoder", "shapes_autoencoder"),
     "ldm": ("ldm", "shapes_ldm"),
+    "lora": ("lora", "shapes_lora"),
 }
 
 
