@@ -90,6 +90,7 @@ def compare(ours, ref):
 
 # ---------------------------------------------------------------------------------------------- parity: UNet LoRA
 @pytest.mark.parity
+@pytest.mark.slow
 def test_lora_scales_and_mix_match_diffusers_end_to_end(sd, tiny_folder, lora_files):
     pipe, params = sd
     latents = initial_latents()
@@ -533,6 +534,7 @@ def test_pipeline_wiring_over_sdxl_components(sdxl_folder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_lora_and_embedding_flags(sd, tiny_folder, lora_files, tmp_path, capsys):
     """`sdjax generate --lora PATH:SCALE --lora PATH --embedding PATH`: the images the API gives, recorded in
     settings.json; a missing or unfitting LoRA is one line and exit 2."""
