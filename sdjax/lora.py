@@ -68,7 +68,8 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _RENAMES = {"unet": UNet2DConditionModel._key_renames, "text_encoder": CLIPTextModel._key_renames,
             "text_encoder_2": CLIPTextModel._key_renames}
 # transformers 4 names the text encoder's modules `text_model.encoder...`; written so on save (both versions load it).
-_SAVE_PREFIX = {"unet": "", "text_encoder": CLIPTextModel._save_prefix, "text_encoder_2": CLIPTextModel._save_prefix}
+# SDXL's text_encoder_2 (CLIPTextModelWithProjection) has `text_model` in its own params tree in both versions.
+TEXT_MODEL = "text_model"
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 
@@ -268,6 +269,8 @@ def _group_keys(state, params, source):
             continue
         module_key, role = parsed
         path = convert.torch_key_to_path(convert.rename_key(module_key, _RENAMES[component]))
+        if component != "unet" and _has_text_model(params[component]):  # CLIPTextModelWithProjection
+            path = (TEXT_MODEL,) + path
         if not _has_kernel(params[component], path):
             problems.unmatched.append(key)
             continue
@@ -388,7 +391,23 @@ def _alpha_for(state, roles, rank, config, component, path) -> tuple[float, bool
 
 def _pattern_names(component, path) -> list[str]:
     name = _torch_name(path)
-    return [name] if component == "unet" else [f"text_model.{name}", name]
+    if component == "unet":
+        return [name]
+    bare = name.removeprefix(f"{TEXT_MODEL}.")
+    return [f"{TEXT_MODEL}.{bare}", bare]
+
+
+def _has_text_model(tree) -> bool:
+    """A CLIPTextModelWithProjection params tree (SDXL's text_encoder_2): its CLIP tower is under `text_model`."""
+    return isinstance(tree, Mapping) and TEXT_MODEL in tree
+
+
+def _save_name(component, path) -> str:
+    """The PyTorch module name a layer is saved under: text encoders with transformers 4's `text_model.`."""
+    name = _torch_name(path)
+    if component == "unet" or path[0] == TEXT_MODEL:
+        return name
+    return f"{TEXT_MODEL}.{name}"
 
 
 def _pattern_value(patterns: Mapping[str, Any], names, default):
@@ -636,10 +655,10 @@ def save_lora(path, adapter: LoraAdapter, weight_name: str = LORA_WEIGHT_NAME_SA
             continue
         if component not in COMPONENTS:
             raise AdapterError(f"save_lora: unknown component {component!r} (components: {', '.join(COMPONENTS)})")
-        prefix = f"{component}.{_SAVE_PREFIX[component]}"
+        prefix = f"{component}."
         ranks, alphas, rslora, biased = {}, {}, set(), False
         for key, layer in layers.items():
-            name = _torch_name(tuple(key.split("/")))
+            name = _save_name(component, tuple(key.split("/")))
             down = np.asarray(jax.device_get(layer.down))
             up = np.asarray(jax.device_get(layer.up))
             if down.ndim == 2:
@@ -651,7 +670,8 @@ def save_lora(path, adapter: LoraAdapter, weight_name: str = LORA_WEIGHT_NAME_SA
             if layer.bias is not None:
                 tensors[f"{prefix}{name}.lora_B.bias"] = np.asarray(jax.device_get(layer.bias))
                 biased = True
-            ranks[name], alphas[name] = layer.rank, _number(float(jax.device_get(layer.alpha)))
+            meta = name if component == "unet" else name.removeprefix(f"{TEXT_MODEL}.")
+            ranks[meta], alphas[meta] = layer.rank, _number(float(jax.device_get(layer.alpha)))
             rslora.add(layer.rslora)
         if len(rslora) > 1:
             raise AdapterError(f"save_lora: {component} mixes rsLoRA and plain LoRA layers, which one PEFT LoraConfig "

@@ -37,6 +37,8 @@ from .models.modeling_utils import PICKLE_SUFFIXES
 TEXT_INVERSION_NAME_SAFE = "learned_embeds.safetensors"
 TEXT_INVERSION_NAME = "learned_embeds.bin"
 EMBEDDING_PATH = ("embeddings", "token_embedding", "embedding")  # CLIPTextModel's [vocab, D] table
+# CLIPTextModelWithProjection (SDXL's text_encoder_2) has the same table under its `text_model`.
+PROJECTION_EMBEDDING_PATH = ("text_model",) + EMBEDDING_PATH
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
@@ -59,7 +61,7 @@ def load_textual_inversion(path_or_file, tokenizer, text_encoder_params: Mapping
     does not match the text encoder's (both named), or the file is not a textual-inversion file.
     """
     state, source, stem = _read(path_or_file, weight_name, allow_pickle)
-    table = _embedding_table(text_encoder_params)
+    table_path, table = _embedding_table(text_encoder_params)
     width = int(table.shape[-1])
     token, embedding = _token_and_embedding(state, source, stem, token, embedding_key, width)
     if embedding.ndim == 1:
@@ -85,7 +87,7 @@ def load_textual_inversion(path_or_file, tokenizer, text_encoder_params: Mapping
     rows = max(int(table.shape[0]), max(ids) + 1)
     new_table = jnp.concatenate([jnp.asarray(table), jnp.zeros((rows - table.shape[0], width), table.dtype)])
     new_table = new_table.at[jnp.asarray(ids)].set(jnp.asarray(embedding, table.dtype))
-    return TextualInversion(params=_replace(text_encoder_params, EMBEDDING_PATH, new_table), vocab_size=rows,
+    return TextualInversion(params=_replace(text_encoder_params, table_path, new_table), vocab_size=rows,
                             tokens=tokens, token_ids=ids)
 
 
@@ -199,13 +201,17 @@ def _need_token(token, stem, source) -> str:
 
 
 def _embedding_table(params):
-    node = params
-    for k in EMBEDDING_PATH:
-        if not isinstance(node, Mapping) or k not in node:
-            raise AdapterError("text_encoder_params has no embeddings/token_embedding/embedding table "
-                               "(expected a CLIPTextModel params tree, e.g. params['text_encoder'])")
-        node = node[k]
-    return node
+    """(path, [vocab, D] table) of a CLIPTextModel or CLIPTextModelWithProjection params tree."""
+    for path in (EMBEDDING_PATH, PROJECTION_EMBEDDING_PATH):
+        node = params
+        for k in path:
+            if not isinstance(node, Mapping) or k not in node:
+                break
+            node = node[k]
+        else:
+            return path, node
+    raise AdapterError("text_encoder_params has no embeddings/token_embedding/embedding table (expected a "
+                       "CLIPTextModel or CLIPTextModelWithProjection params tree, e.g. params['text_encoder'])")
 
 
 def _replace(tree: Mapping, path: tuple[str, ...], value) -> dict:

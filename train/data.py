@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0),
           "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0)}
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("star",)  # never drawn in "shapes": concept_dataset draws them
+ALL_SHAPES = SHAPES + NEW_SHAPES  # shape label i is ALL_SHAPES[i]
+STAR_INNER = 0.5  # a star's inner radius / outer radius (a regular pentagram's is 0.38: thicker reads better at 32 px)
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
 COLOR_NAMES = tuple(COLORS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
@@ -52,7 +55,7 @@ class ImageDataset:
 
 
 def caption_for(color: int, shape: int, background: int) -> str:
-    return f"a {COLOR_NAMES[color]} {SHAPES[shape]} on a {BACKGROUND_NAMES[background]} background"
+    return f"a {COLOR_NAMES[color]} {ALL_SHAPES[shape]} on a {BACKGROUND_NAMES[background]} background"
 
 
 def all_shape_captions() -> list[tuple[tuple[int, int, int], str]]:
@@ -66,13 +69,29 @@ def _shape_mask(shape: int, center, radius: float, image_size: int) -> np.ndarra
     coords = (np.arange(n) + 0.5) / SUPERSAMPLE
     x, y = np.meshgrid(coords, coords)
     dx, dy = x - center[0], y - center[1]
-    if SHAPES[shape] == "circle":
+    name = ALL_SHAPES[shape]
+    if name == "circle":
         return dx * dx + dy * dy <= radius * radius
-    if SHAPES[shape] == "square":
+    if name == "square":
         half = radius / np.sqrt(2.0)
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    # upright equilateral triangle inscribed in the circle
-    return (dy <= radius / 2) & (np.sqrt(3.0) * dx - dy <= radius) & (-np.sqrt(3.0) * dx - dy <= radius)
+    if name == "triangle":  # upright equilateral triangle inscribed in the circle
+        return (dy <= radius / 2) & (np.sqrt(3.0) * dx - dy <= radius) & (-np.sqrt(3.0) * dx - dy <= radius)
+    return _star_mask(dx, dy, radius, radius * STAR_INNER)  # "star": upright five-pointed, its points on the circle
+
+
+def _star_mask(dx, dy, outer: float, inner: float):
+    """Inside an upright five-pointed star: in polar coordinates folded onto one half-point (|phi| <= pi/5), the
+    point lies on the centre's side of the edge from the outer vertex (outer, 0) to the inner one (inner, pi/5)."""
+    theta = np.arctan2(dx, -dy)  # 0 points up
+    sector = 2 * np.pi / 5
+    phi = np.abs(np.mod(theta + sector / 2, sector) - sector / 2)
+    rho = np.hypot(dx, dy)
+    px, py = rho * np.cos(phi), rho * np.sin(phi)
+    ax, ay = outer, 0.0
+    bx, by = inner * np.cos(sector / 2), inner * np.sin(sector / 2)
+    # cross((B - A), (P - A)) >= 0 on the centre's side (the centre gives (bx - ax) * 0 - by * (0 - ax) > 0)
+    return (bx - ax) * (py - ay) - (by - ay) * (px - ax) >= 0
 
 
 def render_shape(color: int, shape: int, background: int, center, radius: float, image_size: int) -> np.ndarray:
@@ -116,9 +135,14 @@ def shape_geometry(seed: int, index: int, image_size: int = 32) -> ShapeGeometry
     return ShapeGeometry(color, shape, background, (float(cx), float(cy)), float(radius))
 
 
-def shapes_example(seed: int, index: int, image_size: int = 32):
-    """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only."""
+def shapes_example(seed: int, index: int, image_size: int = 32, shape: int | None = None):
+    """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only.
+
+    shape: draw this shape (an ALL_SHAPES index) instead of the drawn one; colour, background, size and position
+    are those of the same (seed, index) (`concept_dataset`)."""
     g = shape_geometry(seed, index, image_size)
+    if shape is not None:
+        g = dataclasses.replace(g, shape=int(shape))
     return render_shape(g.color, g.shape, g.background, g.center, g.radius, image_size), g.labels
 
 
@@ -134,14 +158,22 @@ def shapes_dataset(n: int, seed: int = 0, image_size: int = 32, start: int = 0) 
     return _shapes_dataset(n, seed, image_size, start)
 
 
+def concept_dataset(shape: str, n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:
+    """n images of one shape (a NEW_SHAPES name, or an old one) in every colour and background, random size and
+    position, captioned like "shapes": "a red star on a white background". A function of (seed, index)."""
+    if shape not in ALL_SHAPES:
+        raise DataError(f"unknown shape {shape!r} (shapes: {', '.join(ALL_SHAPES)})")
+    return _shapes_dataset(n, seed, image_size, start, ALL_SHAPES.index(shape))
+
+
 @functools.lru_cache(maxsize=4)
-def _shapes_dataset(n: int, seed: int, image_size: int, start: int) -> ImageDataset:
+def _shapes_dataset(n: int, seed: int, image_size: int, start: int, shape: int | None = None) -> ImageDataset:
     if image_size not in (32, 64):
         raise DataError(f"shapes: image_size must be 32 or 64, got {image_size}")
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     labels = np.empty((n, 3), np.int32)
     for i in range(n):
-        images[i], labels[i] = shapes_example(seed, start + i, image_size)
+        images[i], labels[i] = shapes_example(seed, start + i, image_size, shape)
     images.setflags(write=False)  # shared by the cache
     return ImageDataset(images, [caption_for(*l) for l in labels], labels)
 

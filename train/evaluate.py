@@ -36,8 +36,17 @@ logger = logging.getLogger(__name__)
 HEADS = (("color", len(data_lib.COLORS)), ("shape", len(data_lib.SHAPES)), ("background", len(data_lib.BACKGROUNDS)))
 
 
+def heads(num_shapes: int = len(data_lib.SHAPES)):
+    """The classifier's heads; the shape head has one class per ALL_SHAPES entry it was trained on."""
+    return tuple((name, num_shapes if name == "shape" else n) for name, n in HEADS)
+
+
 class ShapesClassifier(nn.Module):
-    """Images [B, H, W, 3] in [0, 1] -> (features [B, 128], {head: logits})."""
+    """Images [B, H, W, 3] in [0, 1] -> (features [B, 128], {head: logits}).
+
+    num_shapes: 3 (SHAPES: the shipped evaluation), or more when extended with NEW_SHAPES (`extra_shapes`)."""
+
+    num_shapes: int = len(data_lib.SHAPES)
 
     @nn.compact
     def __call__(self, x):
@@ -45,7 +54,7 @@ class ShapesClassifier(nn.Module):
             x = nn.relu(nn.Conv(c, (3, 3), strides=s)(x))
         x = nn.relu(nn.Conv(128, (3, 3))(x))
         feats = nn.relu(nn.Dense(128)(jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], -1)))
-        return feats, {name: nn.Dense(n, name=name)(feats) for name, n in HEADS}
+        return feats, {name: nn.Dense(n, name=name)(feats) for name, n in heads(self.num_shapes)}
 
 
 def _float(images_uint8):
@@ -56,13 +65,13 @@ def _classifier_optimizer(steps: int):
     return optax.adam(optax.cosine_decay_schedule(2e-3, steps))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _classifier_step(steps: int, params, opt, x, y, key):
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _classifier_step(steps: int, params, opt, x, y, key, num_shapes: int = len(data_lib.SHAPES)):
     # a little pixel noise, so generated images' small artifacts do not confuse it
     x = x + 0.03 * jax.random.normal(key, x.shape)
 
     def loss_fn(p):
-        _, logits = ShapesClassifier().apply({"params": p}, x)
+        _, logits = ShapesClassifier(num_shapes).apply({"params": p}, x)
         return sum(optax.softmax_cross_entropy_with_integer_labels(logits[name], y[:, i]).mean()
                    for i, (name, _) in enumerate(HEADS))
 
@@ -71,21 +80,43 @@ def _classifier_step(steps: int, params, opt, x, y, key):
     return optax.apply_updates(params, u), opt, loss
 
 
-def train_classifier(image_size=32, n_train=12000, steps=600, batch_size=128, seed=0):
-    """Train on shapes (data seed 1: images the LDM never saw). Returns params."""
+# concept_dataset indices for the extended classifier's new-shape images (apart from the shapes images it trains on)
+EXTRA_SHAPES_START = 1_000_000
+
+
+def train_classifier(image_size=32, n_train=12000, steps=600, batch_size=128, seed=0, extra_shapes=()):
+    """Train on shapes (data seed 1: images the LDM never saw). Returns params.
+
+    extra_shapes: NEW_SHAPES names to recognise too (their labels follow SHAPES in ALL_SHAPES' order): n_train / 3
+    images of each (as many as of each old shape) join the training set, and the steps grow in proportion. Without
+    them the classifier is the shipped evaluation's, trained exactly as before."""
     ds = data_lib.shapes_dataset(n_train, seed=1, image_size=image_size)
-    params = ShapesClassifier().init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    images, labels = ds.images, ds.labels
+    num_shapes = len(data_lib.SHAPES)
+    if extra_shapes:
+        extra = [data_lib.concept_dataset(name, n_train // len(data_lib.SHAPES), seed=1, image_size=image_size,
+                                          start=EXTRA_SHAPES_START) for name in extra_shapes]
+        images = np.concatenate([images] + [e.images for e in extra])
+        labels = np.concatenate([labels] + [e.labels for e in extra])
+        num_shapes = 1 + max(data_lib.ALL_SHAPES.index(n) for n in extra_shapes)
+        steps = steps * len(images) // len(ds)
+    params = ShapesClassifier(num_shapes).init(jax.random.PRNGKey(seed),
+                                               jnp.zeros((1, image_size, image_size, 3)))["params"]
     opt = _classifier_optimizer(steps).init(params)
     for s in range(steps):
-        idx = data_lib.batch_indices(len(ds), batch_size, 1, s)
-        params, opt, loss = _classifier_step(steps, params, opt, _float(ds.images[idx]), jnp.asarray(ds.labels[idx]),
-                                             jax.random.PRNGKey(s))
+        idx = data_lib.batch_indices(len(images), batch_size, 1, s)
+        params, opt, loss = _classifier_step(steps, params, opt, _float(images[idx]), jnp.asarray(labels[idx]),
+                                             jax.random.PRNGKey(s), num_shapes)
     return params
+
+
+def num_shapes_of(params) -> int:
+    return int(params["shape"]["kernel"].shape[-1])
 
 
 @jax.jit
 def _classify(params, x):
-    return ShapesClassifier().apply({"params": params}, x)
+    return ShapesClassifier(num_shapes_of(params)).apply({"params": params}, x)
 
 
 def predict(params, images_uint8, batch_size=256):
@@ -115,13 +146,22 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
 
 
-def load_or_train_classifier(folder, image_size=32):
+def load_or_train_classifier(folder, image_size=32, extra_shapes=()):
+    """The cached classifier in `folder` (trained there on first use). extra_shapes: the extended one, which also
+    tells NEW_SHAPES apart (its own file, e.g. classifier_32+star.msgpack; the shipped evaluation's is untouched)."""
     folder = Path(folder)
-    path = folder / f"classifier_{image_size}.msgpack"
-    template = ShapesClassifier().init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    extra_shapes = tuple(extra_shapes)
+    unknown = [n for n in extra_shapes if n not in data_lib.NEW_SHAPES]
+    if unknown:
+        raise data_lib.DataError(f"extra_shapes {unknown}: not new shapes (new shapes: {', '.join(data_lib.NEW_SHAPES)})")
+    suffix = "".join(f"+{n}" for n in extra_shapes)
+    path = folder / f"classifier_{image_size}{suffix}.msgpack"
+    num_shapes = 1 + max([len(data_lib.SHAPES) - 1] + [data_lib.ALL_SHAPES.index(n) for n in extra_shapes])
+    template = ShapesClassifier(num_shapes).init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, image_size, image_size, 3)))["params"]
     if path.is_file():
         return serialization.from_bytes(template, path.read_bytes())
-    params = train_classifier(image_size)
+    params = train_classifier(image_size, extra_shapes=extra_shapes)
     folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(serialization.to_bytes(params))
     return params

@@ -30,6 +30,34 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and parameter dtype (default: float32)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache folder (or set JAX_COMPILATION_CACHE_DIR)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", type=lora_arg,
+                   help="a LoRA to apply (diffusers/PEFT or Kohya/A1111 .safetensors, a folder holding "
+                        "pytorch_lora_weights.safetensors, or a hub repo id), at SCALE (default 1.0); repeat "
+                        "for several at once")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]", type=embedding_arg,
+                   help="a textual-inversion embedding (diffusers learned_embeds.safetensors, A1111 or SDXL "
+                        ".safetensors): its token (default: the file's own, else the file name as <name>) can "
+                        "then be used in prompts; repeat for several")
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (path, scale). A PATH that exists (or has no `:NUMBER` suffix) is taken whole."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or not path or Path(text).exists():
+        return text, 1.0
+    try:
+        value = finite_float(scale)
+    except argparse.ArgumentTypeError:
+        return text, 1.0  # a path with a colon in it; the loader says if it does not exist
+    return path, value
+
+
+def embedding_arg(text: str) -> tuple[str, str | None]:
+    """`PATH[:TOKEN]` -> (path, token or None). A PATH that exists is taken whole."""
+    path, sep, token = text.rpartition(":")
+    if not sep or not path or not token or Path(text).exists() or "/" in token:
+        return text, None
+    return path, token
 
 
 def add_commands(sub) -> None:
@@ -147,6 +175,7 @@ def load_pipeline(args, task: str = "text2img", pipeline_cls=None, **load):
     pipeline_cls = pipeline_cls or pipeline_class(model, task=task)
     print(f"loading {model} ...", file=sys.stderr)
     pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler, **load)
+    pipe, params = load_adapters(pipe, params, getattr(args, "lora", []), getattr(args, "embedding", []))
     toy = args.model is None
     steps = args.steps if args.steps is not None else (25 if toy else 50)
     # diffusers' defaults: 7.5 for Stable Diffusion, 5.0 for SDXL
@@ -179,6 +208,29 @@ def load_classifier(args):
     path = args.classifier or str(toy_classifier_path())
     classifier, clf_params = NoiseClassifier.from_pretrained(path)
     return path, classifier, clf_params, classifier.label_indices(args.labels, batch=args.num_images)
+
+
+def load_adapters(pipe, params, loras, embeddings):
+    """--lora and --embedding: (pipe, params) with the LoRAs (adapter names lora_0, lora_1, ..., at their scales,
+    traced) and the embeddings' tokens loaded."""
+    for i, (path, scale) in enumerate(loras):
+        print(f"loading LoRA {path} (scale {scale:g}) ...", file=sys.stderr)
+        params = pipe.load_lora_weights(path, params, adapter_name=f"lora_{i}")
+        params = pipe.set_lora_scale(params, {f"lora_{i}": scale})
+    for path, token in embeddings:
+        print(f"loading embedding {path} ...", file=sys.stderr)
+        pipe, params = pipe.load_textual_inversion(path, params, token=token)
+    return pipe, params
+
+
+def adapter_settings(args) -> dict:
+    """What settings.json records of --lora / --embedding (nothing when neither is given)."""
+    out = {}
+    if getattr(args, "lora", None):
+        out["loras"] = [{"path": p, "scale": s} for p, s in args.lora]
+    if getattr(args, "embedding", None):
+        out["embeddings"] = [{"path": p, "token": t} for p, t in args.embedding]
+    return out
 
 
 def cmd_generate(args) -> None:
@@ -246,7 +298,7 @@ def cmd_generate(args) -> None:
         "model": model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": steps,
         "guidance_scale": guidance, "seed": args.seed, "height": images.shape[1], "width": images.shape[2],
         "scheduler": pipe.scheduler.name, "dtype": args.dtype, "num_images": args.num_images, "images": files,
-        "seconds_including_compile": round(seconds, 3), **settings_extra,
+        "seconds_including_compile": round(seconds, 3), **settings_extra, **adapter_settings(args),
     } | ({"controlnet": list(args.controlnet), "control_image": list(args.control_image), **control} if control
          else {}))
     record_output(out, "sdjax generate", files + ["settings.json"], previous)
@@ -318,7 +370,8 @@ def cmd_trajectories(args) -> None:
     mesh = local_mesh() if n_local > 1 and args.batch_size % n_local == 0 else None
     manifest = run_trajectories(pipe, params, prompts, args.out, batch_size=args.batch_size, steps=steps,
                                 guidance_scale=guidance, seed=args.seed, height=args.height, width=args.width,
-                                save_images=args.save_images, settings_extra={"model": model, "dtype": args.dtype},
+                                save_images=args.save_images, settings_extra={"model": model, "dtype": args.dtype,
+                                                                **adapter_settings(args)},
                                 prompt_lines=lines, overwrite=args.overwrite, mesh=mesh)
     if jax.process_index() != 0:
         return

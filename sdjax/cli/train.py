@@ -5,6 +5,7 @@
     sdjax train export --workdir runs/shapes_ldm --out sdjax/assets/toy-shapes
     sdjax train controlnet  --config shapes_controlnet  --workdir runs/shapes_controlnet
     sdjax train classifier  --config shapes_classifier  --workdir runs/shapes_noise_classifier
+    sdjax train lora        --config shapes_lora        --workdir runs/shapes_lora
     sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
 
 Every stage takes the same options (--config NAME_OR_FILE, --workdir, --set KEY=VALUE..., --until-step)
@@ -26,6 +27,7 @@ STAGES = {
     "controlnet": ("controlnet", "shapes_controlnet"),
     "upscaler": ("upscaler", "shapes_upscaler"),  # the toy cascade's stage 2 (32x32 -> 64x64)
     "classifier": ("classifier", "shapes_classifier"),
+    "lora": ("lora", "shapes_lora"),
 }
 
 

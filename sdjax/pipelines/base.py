@@ -23,6 +23,7 @@ from ..errors import ConfigError, InputError, NonFiniteError, SdjaxError
 from ..hub import resolve_folder
 from ..io import read_json
 from . import engine
+from .adapters import AdaptersMixin
 from .output import FlaxStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,10 @@ logger = logging.getLogger(__name__)
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-class DiffusionPipeline:
-    """Base of sdjax's pipelines. Subclasses define `generate(settings, inputs, params, key)` (traced)."""
+class DiffusionPipeline(AdaptersMixin):
+    """Base of sdjax's pipelines. Subclasses define `generate(settings, inputs, params, key)` (traced).
+    LoRA and textual inversion (`load_lora_weights`, `set_adapters`, `fuse_lora`, `load_textual_inversion`):
+    `AdaptersMixin` (adapters.py)."""
 
     #: the components this pipeline runs, by model_index.json name
     components: tuple[str, ...] = ()
@@ -67,6 +70,7 @@ class DiffusionPipeline:
             finally:
                 engine._BARS.remove(bar)
                 bar.close()
+        params = self.adapter_call_params(params, jit)  # LoRA scales as traced arrays (adapters.py)
         if jit:
             return engine.run_pmap(self, settings, inputs, params, key)
         if mesh is not None:
@@ -180,6 +184,7 @@ class DiffusionPipeline:
                     raise InputError(f"`params[{name!r}]{where}` has shape {shape}, expected {tuple(leaf.shape)}"
                                      + (" (with a leading device axis: flax.jax_utils.replicate)" if jit else "")
                                      + "; params must come from this pipeline's from_pretrained")
+        self.check_adapters(params, jit)
 
     def param_components(self) -> tuple[str, ...]:
         return tuple(c for c in self.components if not c.startswith(("tokenizer", "scheduler")))

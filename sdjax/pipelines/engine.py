@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .adapters import merge_adapters
 from .output import Trajectory
 
 
@@ -153,7 +154,8 @@ class show_progress:
 
 # ------------------------------------------------------------------------------------------ compiled entries
 def _run(pipe, settings, inputs, params, key):
-    return pipe.generate(settings, inputs, params, key)
+    # LoRA adapters in params["lora"] are merged here, inside the program, at their traced scales (no-op without)
+    return pipe.generate(settings, inputs, merge_adapters(params), key)
 
 
 #: One jax.jit program per (pipeline, settings, input shapes): JAX's cache; used with and without a mesh.

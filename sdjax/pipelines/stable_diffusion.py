@@ -30,6 +30,7 @@ from ..models.autoencoder_kl import AutoencoderKL
 from ..models.clip_text import CLIPTextModel
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers import get_scheduler, load_scheduler_config
+from ..textual_inversion import maybe_convert_prompt
 from ..tokenizer import load_tokenizer
 from .base import DiffusionPipeline, check_components, open_pipeline_folder, runtime_for, weight_patterns
 from .engine import Conditioning, Settings, denoise
@@ -124,6 +125,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
             prompt = [prompt]
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
             raise SdjaxError(f"`prompt` has to be a string or a list of strings, got {type(prompt).__name__}")
+        prompt = maybe_convert_prompt(list(prompt), self.tokenizer)  # textual inversion's multi-vector tokens
         max_len = self.tokenizer.model_max_length
         ids = self.tokenizer(list(prompt), padding="max_length", max_length=max_len, truncation=True,
                              return_tensors="np").input_ids
@@ -238,7 +240,7 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
                  guidance_scale: float | jax.Array = 7.5, height: int | None = None, width: int | None = None,
                  latents=None, neg_prompt_ids=None, jit: bool = False, return_trajectory: bool = True,
                  decode_trajectory: bool = False, output_attentions: bool = False, mesh: Mesh | None = None,
-                 check_finite: bool = True):
+                 check_finite: bool = True, lora_scale=None):
         """Generate images (and the trajectory) in one compiled call.
 
         jit=False: one jax.jit program on the default device, any batch size.
@@ -247,8 +249,12 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         mesh=Mesh(...): jax.jit with the batch sharded over the mesh's devices (multi-host ready).
         guidance_scale: a number, or one per prompt ([B]); traced, so changing it does not recompile.
         check_finite: a result holding NaN/inf raises NonFiniteError naming the first step that went non-finite.
+        lora_scale: the LoRA adapters' scales for this call (params from load_lora_weights): a number (all), or
+            {adapter: number | {"unet": s, "text_encoder": s}}; adapters not named keep their scale (1.0 unless
+            set_adapters set another). Traced: changing it does not recompile.
         Arguments are checked before anything is compiled (InputError naming the argument).
         """
+        params = self.set_lora_scale(params, lora_scale)
         settings, inputs = self.prepare_call(prompt_ids, params, prng_seed, num_inference_steps, guidance_scale,
                                              height, width, latents, neg_prompt_ids, jit, mesh, return_trajectory,
                                              output_attentions)

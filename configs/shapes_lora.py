@@ -1,0 +1,37 @@
+"""A LoRA that teaches the shipped toy model a shape it never saw ("star"), kept in line on the old shapes.
+
+Every key of `sdjax.train.lora.Config` is here: configs are the only place defaults live.
+"""
+
+
+def get_config():
+    return dict(
+        base_model=None,           # a pipeline folder; None: the shipped toy model (sdjax/assets/toy-shapes)
+        # data: concept images ("a red star on a white background", ...) mixed with the old shapes images
+        concept="star",            # a train.data NEW_SHAPES name
+        num_concept_images=3000,
+        num_prior_images=3000,     # old shapes images (the base model's training set), so old prompts keep working
+        prior_fraction=0.5,        # share of each batch taken from the old shapes images
+        data_seed=0,
+        # the adapter: PEFT-style LoRA on these UNet layers (names as the Flax module names end; diffusers' in the
+        # exported file). UNet only by default: the text encoder's LoRA needs peft >= 0.22 in diffusers (see docs).
+        unet_targets=["to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "net_2", "conv1", "conv2"],
+        text_encoder_targets=[],   # e.g. ["q_proj", "k_proj", "v_proj", "out_proj"]
+        rank=8,
+        alpha=8.0,
+        caption_dropout=0.1,       # captions replaced by "" (classifier-free guidance keeps working)
+        # optimisation
+        seed=0,
+        batch_size=64,
+        num_steps=600,
+        learning_rate=3e-3,
+        warmup_steps=30,
+        # bookkeeping
+        checkpoint_every=200,
+        keep_checkpoints=1,
+        log_every=20,
+        # evaluation at the end (train/evaluate.py's classifier, extended to the concept)
+        eval_per_caption=4,
+        eval_guidance=5.0,
+        eval_steps=25,
+    )
