@@ -226,7 +226,9 @@ def report(s) -> str:
                      f"{r['load_avg_before']} -> {r['load_avg_after']} |")
     lines.append("")
     if "ratio_warm" in s:
-        lines.append(f"- sdjax / torch: warm {s['ratio_warm']:.2f}, first call {s['ratio_first_call']:.2f}")
+        lines.append(f"- sdjax / torch, warm call: {s['ratio_warm']:.2f}")
+    if "ratio_first_call" in s:
+        lines.append(f"- sdjax / torch, first call (sdjax's compile included): {s['ratio_first_call']:.2f}")
     lines.append(f"- max abs image difference sdjax vs torch (pixels in [0, 1]): "
                  f"{'-' if s['max_abs_image_diff'] is None else format(s['max_abs_image_diff'], '.2e')}")
     return "\n".join(lines)
