@@ -5,6 +5,9 @@ Model configs:
   sd15  -- the real Stable Diffusion 1.5 UNet / VAE / CLIP-text configs with random weights, saved by
            diffusers/transformers PyTorch (safetensors) into a cache dir; the tokenizer is the tiny test BPE
            padded to 77 tokens (its ids are < 49408, the text config's vocab_size).
+  sdxl  -- the real SDXL base 1.0 UNet / VAE / text_encoder (CLIP ViT-L) / text_encoder_2 (OpenCLIP bigG)
+           configs with random weights, the same way (~3.5 B parameters, ~14 GB fp32 on disk); tokenizers,
+           scheduler (Euler) and model_index.json from sdjax.testing's tiny SDXL pipeline.
 Folders are cached under $SDJAX_BENCH_CACHE (default /tmp/sdjax-bench) and reused across runs.
 """
 
@@ -45,6 +48,22 @@ SD15_TEXT = dict(
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
 
+# ---- SDXL base 1.0's component configs (stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder/,
+# text_encoder_2/ config.json; the UNet's is tests/test_unet_sdxl.py's SDXL_BASE_UNET_CONFIG)
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280), center_input_sample=False,
+    cross_attention_dim=2048, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4,
+    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=(1, 2, 10),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+)
+SDXL_VAE = SD15_VAE | dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT = SD15_TEXT  # CLIP ViT-L/14's text tower, as SD 1.5's
+SDXL_TEXT_2 = SD15_TEXT | dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                               hidden_act="gelu", projection_dim=1280)  # OpenCLIP ViT-bigG/14's text tower
+
 PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red circle on a blue square",
            "a green cat", "a dog on the moon"]
 
@@ -78,8 +97,47 @@ def build_sd15_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
+    """SDXL-base-shaped random StableDiffusionXLPipeline folder, saved by diffusers/transformers PyTorch.
+
+    model_index.json, scheduler/ (EulerDiscreteScheduler, SDXL's config) and both tokenizers (the tiny test BPE,
+    77 tokens; tokenizer_2 pads with "!") come from `sdjax.testing.build_tiny_sdxl_pipeline`, which
+    StableDiffusionXLPipeline.save_pretrained wrote; the four models are then replaced by the real configs with
+    random (default-init) weights, each built and saved on its own (`save_pretrained`, safetensors, 2 GB shards)
+    and freed before the next, so that the build peaks near the UNet's 10.3 GB instead of all 14 GB plus a
+    serialized copy."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdjax.testing import build_tiny_sdxl_pipeline
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_sdxl_pipeline(tmp, seed=seed)
+
+    def save(sub, model):
+        shutil.rmtree(tmp / sub)
+        model.save_pretrained(tmp / sub, safe_serialization=True, max_shard_size="2GB")
+        print(f"[bench] sdxl: wrote {sub} ({sum(p.numel() for p in model.parameters()):,} parameters)",
+              file=sys.stderr)
+
+    torch.manual_seed(seed)
+    for sub, cls, cfg in (("text_encoder", CLIPTextModel, SDXL_TEXT),
+                          ("text_encoder_2", CLIPTextModelWithProjection, SDXL_TEXT_2)):
+        tok = CLIPTokenizer.from_pretrained(tmp / sub.replace("text_encoder", "tokenizer"))
+        assert len(tok) <= cfg["vocab_size"], len(tok)
+        cfg = cfg | {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                     "pad_token_id": tok.pad_token_id}
+        save(sub, cls(CLIPTextConfig(**cfg)))
+    save("vae", AutoencoderKL(**SDXL_VAE))
+    save("unet", UNet2DConditionModel(**SDXL_UNET))
+    tmp.rename(folder)
+    return folder
+
+
 def model_folder(config: str) -> Path:
-    """The cached diffusers (safetensors) folder for `config` ('tiny' or 'sd15'), built on first use."""
+    """The cached diffusers (safetensors) folder for `config` ('tiny', 'sd15' or 'sdxl'), built on first use."""
     folder = CACHE / config
     if (folder / "model_index.json").is_file():
         return folder
@@ -94,8 +152,10 @@ def model_folder(config: str) -> Path:
         tmp.rename(folder)
     elif config == "sd15":
         build_sd15_folder(folder)
+    elif config == "sdxl":
+        build_sdxl_folder(folder)
     else:
-        raise SystemExit(f"unknown config {config!r} (tiny, sd15)")
+        raise SystemExit(f"unknown config {config!r} (tiny, sd15, sdxl)")
     print(f"[bench] built {folder} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     return folder
 
