@@ -71,9 +71,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def entry() -> None:
+    """The `sdjax` program (console script and `python -m sdjax.cli`): one command per process, so it may tune the
+    process's allocator (`limit_host_heap`); `main` itself, which tests and other programs call in-process, does not."""
+    limit_host_heap()
+    sys.exit(main())
+
+
 def main(argv=None) -> int:
     quiet_libraries()
-    limit_host_heap()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
