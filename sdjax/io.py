@@ -279,6 +279,36 @@ def record_output(path, command: str, files=(), previous: dict | None = None, **
 _M_MMAP_THRESHOLD = -3
 
 
+
+def write_folder(out_dir, command: str, fill) -> Path:
+    """Write a whole folder: `fill(tmp)` writes the files into a temp folder beside `out_dir`; it is marked as
+    `command`'s output (every file listed), made readable by everyone (like any installed file), then swapped in
+    for `out_dir`. An interrupted write leaves the old folder, never half of the new one. Check `out_dir` with
+    `check_output_dir` first."""
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=TMP_SUFFIX))
+    old = tmp.with_suffix(".old")
+    try:
+        fill(tmp)
+        record_output(tmp, command, sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
 def _glibc():
     import ctypes
     import ctypes.util

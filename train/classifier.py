@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import optax
 
 from sdjax.assets import toy_model_path
 from sdjax.errors import ConfigError
-from sdjax.io import check_output_dir, read_json, record_output, write_json
+from sdjax.io import check_output_dir, read_json, write_folder, write_json
 from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.noise_classifier import NoiseClassifier, label_log_prob, split_logits
 from sdjax.schedulers import DDPMScheduler, load_scheduler_config
@@ -239,27 +237,13 @@ def export_classifier(out_dir, classifier: NoiseClassifier, params, training: di
     whole. An existing `out_dir` is replaced only if an earlier export wrote it, or with `overwrite`."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, EXPORT_COMMAND, overwrite=overwrite, protect=protect)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    old = tmp.with_suffix(".old")
-    try:
+
+    def fill(tmp):
         classifier.save_pretrained(tmp, params)
-        files = ["config.json", "diffusion_pytorch_model.safetensors"]
         if training is not None:
             write_json(tmp / "summary.json", training)
-            files.append("summary.json")
-        record_output(tmp, EXPORT_COMMAND, files)
-        for p in [tmp, *tmp.iterdir()]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    return write_folder(out_dir, EXPORT_COMMAND, fill)
 
 
 def export_from_workdir(workdir, out_dir, overwrite: bool = False) -> Path:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -31,7 +29,7 @@ import numpy as np
 import optax
 
 from sdjax.errors import ConfigError
-from sdjax.io import check_output_dir, record_output, write_json
+from sdjax.io import check_output_dir, write_folder, write_json
 from sdjax.models.controlnet import ControlNetModel, check_compatible
 from sdjax.pipelines import FlaxStableDiffusionPipeline
 from sdjax.schedulers import DDPMScheduler
@@ -174,24 +172,11 @@ def export_controlnet(out_dir, controlnet, params, overwrite: bool = False, prot
     """Write a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors), swapped in whole."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, EXPORT_COMMAND, overwrite=overwrite, protect=protect)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    old = tmp.with_suffix(".old")
-    try:
+
+    def fill(tmp):
         controlnet.save_pretrained(tmp, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params))
-        record_output(tmp, EXPORT_COMMAND, sorted(p.name for p in tmp.iterdir()))
-        for p in [tmp, *tmp.iterdir()]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    return write_folder(out_dir, EXPORT_COMMAND, fill)
 
 
 def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,

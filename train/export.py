@@ -10,13 +10,12 @@ It is written beside the target and swapped in whole: an interrupted export leav
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from sdjax.io import check_output_dir, record_output
+from sdjax.io import check_output_dir, write_folder
 from sdjax.pipelines import FlaxStableDiffusionPipeline
 
 
@@ -42,9 +41,8 @@ def write_pipeline_folder(out_dir, pipe, params, tokenizer_source, dtype=jnp.flo
     CLIP's hub tokenizer files (vocab.json + merges.txt) copied from `tokenizer_source`. Returns the folder."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, COMMAND, overwrite=overwrite, protect=protect)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    old = tmp.with_suffix(".old")
-    try:
+
+    def fill(tmp):
         cast = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
         pipe.save_pretrained(tmp, cast(params))
         # Also CLIP's hub layout (vocab.json + merges.txt), which transformers 4's slow CLIPTokenizer needs.
@@ -52,16 +50,5 @@ def write_pipeline_folder(out_dir, pipe, params, tokenizer_source, dtype=jnp.flo
         for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
             if (source / name).is_file():
                 shutil.copy(source / name, tmp / "tokenizer" / name)
-        record_output(tmp, COMMAND, sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
-        for p in [tmp, *tmp.rglob("*")]:  # readable by everyone, like any installed file
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    return write_folder(out_dir, COMMAND, fill)
