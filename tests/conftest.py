@@ -27,6 +27,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_MAPS = "/proc/self/maps"
+_MAX_MAPS = 30_000  # Linux refuses new mappings past vm.max_map_count (65530 by default)
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs once the process holds many memory mappings.
+
+    Every XLA:CPU executable keeps about three mappings (code, read-only data, data) while JAX's caches hold it.
+    The whole suite compiles some 20,000 programs in one process; past vm.max_map_count, mmap fails inside
+    LLVM and the next compile segfaults (exit 139 at ~73% of the suite). Tests do not depend on what is cached."""
+    yield
+    if os.path.exists(_MAPS):
+        with open(_MAPS, "rb") as f:
+            n = sum(1 for _ in f)
+        if n > _MAX_MAPS:
+            import gc
+
+            import jax
+
+            jax.clear_caches()
+            gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     if not HAVE_REFERENCE:
