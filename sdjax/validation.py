@@ -17,7 +17,7 @@ from .errors import ConfigError
 _JSON_NAMES = {bool: "true/false", int: "int", float: "number", str: "string", dict: "object", type(None): "null"}
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
     if isinstance(value, (list, tuple)):
         return "list"
     return _JSON_NAMES.get(type(value), type(value).__name__)
@@ -85,7 +85,7 @@ def check_value(owner: str, key: str, value, tp, source: str | None = None) -> N
     if not matches(value, tp):
         where = f" in {source}" if source else ""
         raise ConfigError(f"{owner}: config key {key!r} = {value!r}{where}: expected {type_name(tp)}, "
-                          f"got {_json_type(value)}")
+                          f"got {json_type(value)}")
 
 
 def check_fields(owner: str, config: dict, hints: dict, source: str | None = None) -> None:

@@ -17,12 +17,12 @@ import difflib
 import importlib.resources
 import json
 import runpy
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from sdjax.errors import ConfigError
+from sdjax.validation import json_type, matches, type_name
 
 CONFIG_PACKAGE = "sdjax.configs"
 
@@ -117,42 +117,10 @@ def build_config(schema, values: dict, source: str = "config"):
     return cfg
 
 
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _matches(value, tp) -> bool:
-    if tp is Any:
-        return True
-    if tp is type(None):
-        return value is None
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
 def check_type(key: str, value, tp, source: str) -> None:
-    if not _matches(value, tp):
-        raise ConfigError(f"config key {key!r} = {value!r} in {source}: expected {_type_name(tp)}, "
-                          f"got {type(value).__name__}")
+    if not matches(value, tp):
+        raise ConfigError(f"config key {key!r} = {value!r} in {source}: expected {type_name(tp)}, "
+                          f"got {json_type(value)}")
 
 
 def load_config(schema, path=None, overrides=None):
