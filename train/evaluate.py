@@ -305,3 +305,123 @@ def save_comparison(stage1, upsampled, cascades: dict, path, columns: int = 9, s
             cells += [nearest(images[i]), gap]
         lines += [np.concatenate(cells[:-1], axis=1), np.full((4, len(idx) * (size + 4) - 4, 3), 255, np.uint8)]
     write_png(path, np.concatenate(lines[:-1], axis=0))
+
+
+# ------------------------------------------------------------------------------------------------ ControlNet
+# held-out silhouettes: a data seed no training run uses (the LDM and the toy ControlNet train on seed 0, the
+# evaluation classifier on seed 1 from index 0), from the evaluation indices on
+CONTROLNET_DATA_SEED = 1
+
+
+def held_out_silhouettes(per_caption: int, data_seed: int = CONTROLNET_DATA_SEED, image_size: int = 32):
+    """`per_caption` held-out shapes images of each of the 54 captions, in caption order repeated (caption k's j-th
+    image at j * 54 + k): (real images [N, H, W, 3] uint8, silhouettes [N, H, W] uint8, labels [N, 3]), the first
+    images of each caption from index HELD_OUT_START on, so every color, shape and background is equally present."""
+    found = {combo: [] for combo, _ in data_lib.all_shape_captions()}
+    index = data_lib.HELD_OUT_START
+    while any(len(v) < per_caption for v in found.values()):
+        labels = data_lib.shape_geometry(data_seed, index, image_size).labels
+        if len(found[labels]) < per_caption:
+            found[labels].append(index)
+        index += 1
+    order = [(combo, j) for j in range(per_caption) for combo in found]
+    examples = [data_lib.shapes_silhouette_example(data_seed, found[combo][j], image_size) for combo, j in order]
+    images, silhouettes, labels = (np.stack(x) for x in zip(*examples))
+    return images, silhouettes, labels
+
+
+def shape_masks(images_uint8: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The generated shape of each image: pixels nearer (RGB distance) the caption's color than its background's.
+    images [N, H, W, 3] uint8, labels [N, 3] -> bool [N, H, W]."""
+    x = images_uint8.astype(np.float32) / 255.0
+    fg = np.array([data_lib.COLORS[data_lib.COLOR_NAMES[c]] for c in labels[:, 0]], np.float32)[:, None, None]
+    bg = np.array([data_lib.BACKGROUNDS[data_lib.BACKGROUND_NAMES[b]] for b in labels[:, 2]], np.float32)[:, None, None]
+    return ((x - fg) ** 2).sum(-1) < ((x - bg) ** 2).sum(-1)
+
+
+def mask_iou(masks: np.ndarray, silhouettes: np.ndarray) -> np.ndarray:
+    """Intersection over union of each generated mask [N, H, W] and its silhouette (inside: >= half covered)."""
+    target = silhouettes >= 128
+    inter = (masks & target).sum(axis=(1, 2))
+    union = (masks | target).sum(axis=(1, 2))
+    return inter / np.maximum(union, 1)
+
+
+def generate_controlled(pipe, params, captions, control, scale: float, seed=0, guidance=5.0, steps=25, batch_size=54):
+    """Images [N, H, W, 3] uint8 for captions and their control images [N, 3, H, W] in [0, 1], in batches of
+    `batch_size` (one compiled program: the scale is traced). Image i starts from the noise of seed + i."""
+    from sdjax.seeds import initial_noise, loop_key, sample_seeds
+
+    h, w = control.shape[-2:]
+    images = []
+    for i in range(0, len(captions), batch_size):
+        n = len(captions[i:i + batch_size])
+        latents = initial_noise(sample_seeds(seed, range(i, i + n)), pipe.latent_shape(1, h, w)[1:])
+        out = pipe(pipe.prepare_text_inputs(list(captions[i:i + batch_size])), control[i:i + n], params,
+                   loop_key(seed, i // batch_size), num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                   controlnet_conditioning_scale=scale, return_trajectory=False)
+        images.append(np.round(np.asarray(out.images) * 255).astype(np.uint8))
+    return np.concatenate(images)
+
+
+def evaluate_controlnet(model_path, controlnet_path, classifier_dir="runs/shapes_classifier", guidance=5.0, steps=25,
+                        per_caption=2, seed=0, data_seed=CONTROLNET_DATA_SEED, scale=1.0, n_real=1000,
+                        out_dir=None) -> dict:
+    """A silhouette ControlNet on held-out silhouettes, prompt = the image's own caption (prompt and silhouette
+    agree), with the ControlNet (at `scale`) and without it (scale 0: the text-to-image model alone, from the same
+    noise): median IoU of the generated shape's mask (`shape_masks`) with the silhouette, overall and per shape;
+    color / shape / background adherence read by the evaluation classifier; FD against real images."""
+    from sdjax.pipelines import FlaxStableDiffusionControlNetPipeline
+
+    t_load = time.time()
+    pipe, params = FlaxStableDiffusionControlNetPipeline.from_pretrained(model_path, controlnet=str(controlnet_path))
+    size = pipe.default_size
+    clf = load_or_train_classifier(classifier_dir, size)
+    real, silhouettes, labels = held_out_silhouettes(per_caption, data_seed, size)
+    captions = [data_lib.caption_for(*combo) for combo in labels]
+    control = np.repeat(silhouettes[:, None].astype(np.float32) / 255.0, 3, axis=1)
+    reference = data_lib.shapes_dataset(n_real, seed=0, image_size=size, start=data_lib.HELD_OUT_START)
+    real_feats, real_preds = predict(clf, reference.images)
+    result = {"classifier_held_out_accuracy": accuracies(real_preds, reference.labels)}
+    generated, rows = {}, {}
+    for name, s in (("without", 0.0), ("with", scale)):
+        t0 = time.time()
+        images = generate_controlled(pipe, params, captions, control, s, seed=seed, guidance=guidance, steps=steps)
+        seconds = time.time() - t0
+        generated[name] = images
+        iou = mask_iou(shape_masks(images, labels), silhouettes)
+        feats, preds = predict(clf, images)
+        rows[name] = {"median_iou": float(np.median(iou)), "mean_iou": float(np.mean(iou)),
+                      "median_iou_per_shape": {shape: float(np.median(iou[labels[:, 1] == k]))
+                                               for k, shape in enumerate(data_lib.SHAPES)},
+                      "adherence": accuracies(preds, labels), "fd_vs_real": frechet_distance(feats, real_feats),
+                      "controlnet_conditioning_scale": s, "seconds": seconds}
+    result |= {"rows": rows, "model": str(model_path), "controlnet": str(controlnet_path), "guidance": guidance,
+               "steps": steps, "images": len(captions), "per_caption": per_caption, "data_seed": data_seed,
+               "seed": seed, "scheduler": type(pipe.scheduler).__name__, "total_seconds": time.time() - t_load}
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval_controlnet.json", result)
+        save_control_comparison(silhouettes, generated["without"], generated["with"], real,
+                                out / "controlnet_samples.png")
+    return result
+
+
+def save_control_comparison(silhouettes, without, with_, real, path, count: int = 18, scale: int = 2):
+    """Columns: control silhouette, without the ControlNet, with it, the real image; `count` rows of the first images
+    (the first 18: every color, shape and background), each shown `scale` x, in two blocks side by side."""
+    n = min(count, len(silhouettes))
+    big = lambda im: im.repeat(scale, 0).repeat(scale, 1)  # noqa: E731
+    gap = np.full((silhouettes.shape[1] * scale, 2, 3), 255, np.uint8)
+    rows = []
+    for i in range(n):
+        sil = np.repeat(silhouettes[i][..., None], 3, axis=-1)
+        rows.append(np.concatenate([big(sil), gap, big(without[i]), gap, big(with_[i]), gap, big(real[i])], axis=1))
+    half = (n + 1) // 2
+    blank = np.full_like(rows[0], 255)
+    left, right = rows[:half], rows[half:] + [blank] * (half - len(rows[half:]))
+    sep = lambda r: np.full((4, r.shape[1], 3), 255, np.uint8)  # noqa: E731
+    column = lambda rs: np.concatenate([x for r in rs for x in (r, sep(r))][:-1], axis=0)  # noqa: E731
+    left_col, right_col = column(left), column(right)
+    write_png(path, np.concatenate([left_col, np.full((left_col.shape[0], 12, 3), 255, np.uint8), right_col], axis=1))

@@ -7,6 +7,7 @@
     sdjax train classifier  --config shapes_classifier  --workdir runs/shapes_noise_classifier
     sdjax train lora        --config shapes_lora        --workdir runs/shapes_lora
     sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
+    sdjax train evaluate --controlnet --per-caption 2 --out runs/eval_controlnet   # the toy ControlNet
 
 Every stage takes the same options (--config NAME_OR_FILE, --workdir, --set KEY=VALUE..., --until-step)
 and runs `stage.train_and_evaluate(config, workdir)`; killed, the same command resumes.
@@ -19,6 +20,8 @@ import logging
 
 from ..errors import SdjaxError
 from .args import add_distributed_args, finite_float, init_distributed, positive_float, positive_int, seed
+
+TOY = object()  # `--controlnet` given without a path: the shipped toy ControlNet
 
 # stage name -> (module under sdjax.train, the shipped config it trains by default)
 STAGES = {
@@ -71,6 +74,11 @@ def add_commands(sub) -> None:
     u.add_argument("--upscaler", default=None, metavar="PATH",
                    help="evaluate the cascade model -> this upscaler against bicubic upsampling (eval_cascade_*.json)")
     u.add_argument("--cascade", action="store_true", help="--upscaler with the shipped toy upscaler")
+    u.add_argument("--controlnet", nargs="?", const=TOY, default=None, metavar="PATH",
+                   help="evaluate a silhouette ControlNet (default: the shipped toy ControlNet) on held-out "
+                        "silhouettes, with and without it: IoU with the silhouette, adherence (eval_controlnet.json)")
+    v.add_argument("--control-scale", type=finite_float, default=None,
+                   help="with --controlnet: its controlnet_conditioning_scale (default: 1)")
     v.add_argument("--noise-level", type=int, nargs="+", default=None,
                    help="the upscaler's noise level(s), one row each (default: the toy upscaler's)")
     v.add_argument("--upscaler-steps", type=positive_int, default=None)
@@ -166,6 +174,10 @@ def cmd_evaluate(args) -> None:
     for flag in ("noise_level", "upscaler_steps", "upscaler_guidance"):
         if getattr(args, flag) is not None:
             raise SdjaxError(f"--{flag.replace('_', '-')} needs --upscaler PATH or --cascade")
+    if args.controlnet is not None:
+        return _evaluate_controlnet(args, model, files)
+    if args.control_scale is not None:
+        raise SdjaxError("--control-scale needs --controlnet [PATH]")
     for g in args.guidance:
         print(json.dumps(evaluate(model, args.classifier_dir, g, args.steps, args.per_caption, args.seed,
                                   out_dir=args.out), indent=2))
@@ -203,6 +215,23 @@ def _evaluate_cascade(args, model, files) -> None:
             files |= {f"eval_cascade_{tag}.json", f"bicubic_{tag}.png", f"comparison_{tag}.png"}
             files |= {f"cascade_{tag}_nl{level}.png" for level in levels}
             record_output(args.out, "sdjax train evaluate", sorted(files))
+
+
+def _evaluate_controlnet(args, model, files) -> None:
+    from ..assets import toy_controlnet_path
+    from ..io import record_output
+    from ..train.evaluate import evaluate_controlnet
+
+    controlnet = str(toy_controlnet_path()) if args.controlnet is TOY else args.controlnet
+    scale = 1.0 if args.control_scale is None else args.control_scale
+    if len(args.guidance) > 1:
+        raise SdjaxError("--controlnet takes one --guidance (eval_controlnet.json holds one run)")
+    result = evaluate_controlnet(model, controlnet, args.classifier_dir, args.guidance[0], args.steps,
+                                 args.per_caption, args.seed, scale=scale, out_dir=args.out)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        record_output(args.out, "sdjax train evaluate", sorted(files | {"eval_controlnet.json",
+                                                                         "controlnet_samples.png"}))
 
 
 def cmd_guidance_study(args) -> None:
