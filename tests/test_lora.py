@@ -129,17 +129,19 @@ def test_scale_zero_is_exact_and_jit_compiles_once(models):
     b = load_lora(peft_state(params, "text_encoder", TEXT_LAYERS, seed=2) | peft_state(params, "unet", UNET_LAYERS[:3], seed=3),
                   params)
     merge = jax.jit(merge_lora)
+    before = merge._cache_size()  # jax.jit(merge_lora) shares JAX's cache with sdjax's own jit of merge_lora
     zero = merge(params, {"a": a, "b": b}, {"a": 0.0, "b": 0.0})
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), zero, params)
     # traced scales, per component or not: one program
     results = [merge(params, {"a": a, "b": b}, {"a": s, "b": {"unet": s / 2, "text_encoder": -s}})
                for s in (0.0, 0.25, 1.0, 3.0)]
-    assert merge._cache_size() == 2  # the all-float dict above and this structure
+    assert merge._cache_size() <= before + 2  # the all-float dict above and this structure
     assert not np.allclose(results[1]["unet"]["conv_in"]["kernel"], results[2]["unet"]["conv_in"]["kernel"])
     # the same layers and ranks with other numbers: same tree structure, no new program
     a2 = load_lora(peft_state(params, "unet", UNET_LAYERS, seed=9), params)
+    n = merge._cache_size()
     merge(params, {"a": a2, "b": b}, {"a": 0.5, "b": {"unet": 0.1, "text_encoder": 0.2}})
-    assert merge._cache_size() == 2
+    assert merge._cache_size() == n
 
 
 def test_merge_sums_adapters_and_keeps_dtype(models):

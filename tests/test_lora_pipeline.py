@@ -99,6 +99,13 @@ def test_lora_scales_and_mix_match_diffusers_end_to_end(sd, tiny_folder, lora_fi
         ref.load_lora_weights(str(lora_files[name]), adapter_name=name)
         params = pipe.load_lora_weights(lora_files[name], params, adapter_name=name)
     assert sorted(params["lora"]) == ["a", "b", "kohya"]
+    # as loaded, before any set_adapters: diffusers runs only the last adapter loaded ("b"), and so does sdjax
+    as_loaded = run_sdjax(pipe, params, latents)
+    loaded_err = compare(as_loaded, run_torch(ref, latents))
+    print(f"\n[UNet LoRA as loaded: only 'b' active] image max abs err {loaded_err[0]:.1e}; "
+          f"per-step latents max rel err {loaded_err[1]:.1e}")
+    assert loaded_err[0] <= IMAGE_TOL and loaded_err[1] <= STEP_TOL
+    np.testing.assert_array_equal(as_loaded[0], run_sdjax(pipe, pipe.set_adapters(params, ["b"]), latents)[0])
 
     cases = [({"a": s}, s) for s in (0.0, 0.5, 1.0)] + [({"kohya": 0.5}, None), ({"a": 0.7, "b": -0.6}, None)]
     results, before = [], None
@@ -211,7 +218,8 @@ def test_fuse_unfuse_and_no_recompile(sd, lora_files):
     assert err <= 1e-6
     assert sorted(back["lora"]) == ["a", "b"] and float(back["lora_scale"]["b"]["unet"]) == np.float32(0.4)
     # a fused adapter's scale times lora_scale; one adapter fused, the other live
-    half = pipe.fuse_lora(params, lora_scale=0.7, adapter_names="a")
+    assert float(params["lora_scale"]["a"]["unet"]) == 0.0  # "b", loaded last, is the active one
+    half = pipe.fuse_lora(pipe.set_adapters(params, ["a", "b"]), lora_scale=0.7, adapter_names="a")
     np.testing.assert_allclose(run_sdjax_images(pipe, half, latents, lora_scale={"b": 0.4}, **kw), live, atol=2e-5)
     # the params without adapters are the same program as before any adapter was loaded
     n = run_jit._cache_size()

@@ -216,7 +216,8 @@ def load_adapters(pipe, params, loras, embeddings):
     for i, (path, scale) in enumerate(loras):
         print(f"loading LoRA {path} (scale {scale:g}) ...", file=sys.stderr)
         params = pipe.load_lora_weights(path, params, adapter_name=f"lora_{i}")
-        params = pipe.set_lora_scale(params, {f"lora_{i}": scale})
+    if loras:  # all of them active, each at its own scale (loading makes only the last one active)
+        params = pipe.set_adapters(params, [f"lora_{i}" for i in range(len(loras))], [s for _, s in loras])
     for path, token in embeddings:
         print(f"loading embedding {path} ...", file=sys.stderr)
         pipe, params = pipe.load_textual_inversion(path, params, token=token)

@@ -20,9 +20,10 @@ Scales are traced numbers: each call passes a full {adapter: {component: float32
 never recompiles (the program depends on which adapters are loaded, their layers and ranks, not on the scales).
 Params without adapters compile exactly as before.
 
-diffusers differences, on purpose: every adapter in params["lora"] is applied (at 1.0 unless set), where diffusers
-activates only the last one loaded until `set_adapters` is called; `pipe(..., lora_scale=...)` changes the named
-adapters for that call and leaves the others as set. `load_textual_inversion` returns a new pipeline (the text
+As in diffusers, loading an adapter makes it the active one (the adapters loaded before it get scale 0) until
+`set_adapters` names several. Differences, on purpose: `pipe(..., lora_scale=...)` changes the named adapters for
+that call and leaves the others as set; an inactive adapter has scale 0, so `fuse_lora(adapter_names=[it])` bakes
+in nothing until `set_adapters` names it (diffusers keeps an inactive adapter's last weight and fuses at that). `load_textual_inversion` returns a new pipeline (the text
 encoder module's `vocab_size` grows and the tokenizer gains tokens; the old pipeline and its tokenizer are left
 as they were) and the new params. Load adapters and embeddings before `replicate(params)` (jit=True).
 """
@@ -81,7 +82,8 @@ class AdaptersMixin:
 
         Strict: a LoRA for another architecture (the mismatched layers and both shapes named), keys that match no
         layer, inconsistent ranks, a component this pipeline lacks, and pickled files unless allow_pickle=True
-        are an AdapterError. The scale is 1.0 until set (`set_adapters`, or `lora_scale=` at call time)."""
+        are an AdapterError. As diffusers, the new adapter is the active one: scale 1.0, and the adapters loaded
+        before it 0, until set otherwise (`set_adapters(params, names, weights)`, or `lora_scale=` at call time)."""
         params = self._check_params_dict(params)
         loaded = _names(params)
         if adapter_name is None:
@@ -94,7 +96,9 @@ class AdaptersMixin:
         components = {c: params[c] for c in self.lora_components() if c in params}
         adapter = load_lora(pretrained_model_name_or_path_or_dict, components, allow_pickle=allow_pickle,
                             weight_name=weight_name, metadata=metadata)
-        return {**params, "lora": {**(params.get("lora") or {}), adapter_name: adapter}}
+        previous = params.get("lora") or {}
+        params = {**params, "lora": {**previous, adapter_name: adapter}}
+        return self.set_adapters(params, [adapter_name]) if previous else params
 
     def set_adapters(self, params, adapter_names, adapter_weights=None) -> dict:
         """diffusers' `set_adapters`: the named adapters at these weights (a number, or {component: number}; None:
