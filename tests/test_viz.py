@@ -188,7 +188,8 @@ def test_demo_on_the_toy_model(tmp_path, capsys):
     # fewer steps and columns than the default demo, to keep the suite short; `sdjax demo` itself is timed by hand
     assert main(["demo", "--steps", "12", "--columns", "4", "--completion-steps", "1", "--out", str(out)]) == 0
     assert str(out.resolve()) in capsys.readouterr().out
-    for name in ("grid.png", "completions.gif", "convergence.png", "convergence.json", "attention.png"):
+    for name in ("grid.png", "completions.gif", "convergence.png", "convergence.json", "attention.png",
+                 "controlnet.png"):  # the ControlNet panel: the shipped toy ControlNet on the toy model
         assert (out / name).is_file(), name
     numbers = json.loads((out / "convergence.json").read_text())
     t = numbers["num_steps"]

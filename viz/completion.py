@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import SdjaxError
-from sdjax.pipelines import FlaxStableDiffusionPipeline, denoise
+from sdjax.pipelines import FlaxStableDiffusionControlNetPipeline, FlaxStableDiffusionPipeline, denoise
+from sdjax.pipelines.controlnet import ControlNetSettings
 from sdjax.pipelines.auto import pipeline_for
 from sdjax.schedulers import get_scheduler
 
@@ -40,23 +41,34 @@ def completion_timesteps(t0, alpha_bar0, alphas_cumprod, num_steps: int):
 
 
 def completion_pipeline(pipe) -> FlaxStableDiffusionPipeline:
-    """`pipe` with a deterministic DDIM scheduler on its training schedule, x̂0 clipped as `pipe`'s own sampler does."""
+    """`pipe` with a deterministic DDIM scheduler on its training schedule, x̂0 clipped as `pipe`'s own sampler does
+    (a text-to-image pipeline over its modules; with its ControlNets when it has them)."""
     cfg = pipe.scheduler.config
     ddim = get_scheduler("ddim", base_config=cfg, eta=0.0, clip_sample=bool(cfg.get("clip_sample", False)),
                          thresholding=bool(cfg.get("thresholding", False)))
-    return pipeline_for(pipe, "text2img").from_pipe(pipe, scheduler=ddim)
+    cls = FlaxStableDiffusionControlNetPipeline if getattr(pipe, "controlnet", ()) else pipeline_for(pipe, "text2img")
+    return cls.from_pipe(pipe, scheduler=ddim)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _complete(ddim_pipe, num_steps: int, params, prompt_ids, neg_prompt_ids, guidance, xs, t0s, alpha_bar0s,
               extras=None):
     """xs [S, B, C, h, w] in alpha space at (t0s, alpha_bar0s) [S] -> the clean samples after K DDIM steps.
-    extras: what the UNet saw besides the text ({"extra_channels": [B, c, h, w], "class_labels": [B]}), or None."""
+    extras: what the UNet saw besides the text ({"extra_channels": [B, c, h, w], "class_labels": [B]}, or a
+    ControlNet run's {"control_image": ([B, 3, H, W], ...), "controlnet_conditioning_scale": [K]}), or None."""
     sched = ddim_pipe.scheduler
     context = ddim_pipe.text_context(params, prompt_ids, neg_prompt_ids)
     extras = extras or {}
     labels = extras.get("class_labels")
     unet_inputs = None if labels is None else (lambda x, t, i: {"class_labels": jnp.concatenate([labels, labels])})
+    if "control_image" in extras:  # every ControlNet at its scale on each of the K steps, as in the run
+        k = len(extras["control_image"])
+        inputs = {"prompt_ids": prompt_ids, "neg_prompt_ids": neg_prompt_ids, "control_image": extras["control_image"],
+                  "controlnet_conditioning_scale": extras["controlnet_conditioning_scale"][None],
+                  "controlnet_keep": jnp.ones((1, num_steps, k))}
+        h, w = extras["control_image"][0].shape[-2:]
+        settings = ControlNetSettings(num_steps, h, w, return_trajectory=False)  # no guess mode: viz runs without
+        unet_inputs = ddim_pipe.control_unet_inputs(settings, inputs, params)
     model_fn = ddim_pipe.guided_model(params, context, guidance, extra_channels=extras.get("extra_channels"),
                                       unet_inputs=unet_inputs)
 
@@ -85,5 +97,13 @@ def ddim_completions(pipe, params, data, steps: list[int], num_steps: int = 4) -
     neg = None if getattr(pipe, "force_zeros_for_empty_prompt", False) else ddim_pipe.unconditional_ids(len(data.prompts))
     guidance = jnp.full((len(data.prompts),), data.settings.get("guidance_scale", 7.5), jnp.float32)
     extras = None if data.unet_extras is None else {k: jnp.asarray(v) for k, v in data.unet_extras.items()}
+    control = getattr(data, "control", None)
+    if control is not None:
+        if len(control["images"]) != len(getattr(pipe, "controlnet", ())):
+            raise SdjaxError(f"the trajectory was made with {len(control['images'])} ControlNet(s), the pipeline has "
+                             f"{len(getattr(pipe, 'controlnet', ()))}: complete it with the run's own pipeline")
+        extras = {"control_image": tuple(jnp.asarray(im) for im in control["images"]),
+                  "controlnet_conditioning_scale": jnp.asarray(control["scales"], jnp.float32)}
+        params = ddim_pipe._with_controlnet_params(params)
     out = _complete(ddim_pipe, int(num_steps), params, ids, neg, guidance, xs, t0s, ab0s, extras)
     return np.asarray(out, np.float32)

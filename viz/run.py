@@ -35,6 +35,9 @@ class VizData:
     # what else the UNet saw besides the text (an upscaler: the noised low-resolution image [B, 3, h, w] as
     # "extra_channels" and its noise level [B] as "class_labels"), for the K-step completions
     unet_extras: dict | None = None
+    # a ControlNet run: {"images": one float [B, 3, H, W] array in [0, 1] per ControlNet, "scales": one float each};
+    # the grid shows the images, the K-step completions use the ControlNets as the run did
+    control: dict | None = None
 
     @property
     def num_steps(self) -> int:
@@ -74,14 +77,24 @@ class Frames:
 
 def run_live(pipe, params, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 5.0,
              height: int | None = None, width: int | None = None, attentions: bool = False,
-             settings_extra: dict | None = None, image=None, mask=None, strength: float | None = None) -> VizData:
+             settings_extra: dict | None = None, image=None, mask=None, strength: float | None = None,
+             control_image=None, control_scale=1.0) -> VizData:
     """One compiled pipeline call for all prompts, keeping the trajectory (and attention maps if asked).
 
     image (PIL or float [H, W, 3] in [0, 1], used for every prompt): an image-to-image run from `strength`
     (default 0.8); with `mask` too, an inpainting run (strength default 1.0): the grid then shows the edit's
-    steps, the ones actually run."""
+    steps, the ones actually run.
+    control_image (a ControlNet pipeline, FlaxStableDiffusionControlNetPipeline): its control image (PIL or float
+    [H, W, 3] in [0, 1], used for every prompt), or a list, one per ControlNet; the output has its size.
+    control_scale: controlnet_conditioning_scale, a number or one per ControlNet."""
     if not prompts:
         raise SdjaxError("no prompt given (--prompt TEXT)")
+    if getattr(pipe, "controlnet", ()) or control_image is not None:
+        if image is not None or mask is not None or strength is not None:
+            raise SdjaxError("--control-image with --image/--mask/--strength: sdjax viz shows ControlNet text-to-image "
+                             "runs only")
+        return _run_live_control(pipe, params, prompts, seed, steps, guidance, height, width, attentions,
+                                 settings_extra, control_image, control_scale)
     if mask is not None and image is None:
         raise SdjaxError("--mask needs --image (the image to inpaint)")
     if strength is not None and image is None:
@@ -118,6 +131,33 @@ def run_live(pipe, params, prompts: list[str], *, seed: int = 0, steps: int = 25
     if image is not None:
         settings |= {"strength": strength, "edit": "inpaint" if mask is not None else "img2img"}
     return from_output(pipe, out, prompts, seeds=seeds, settings=settings)
+
+
+def _run_live_control(pipe, params, prompts, seed, steps, guidance, height, width, attentions, settings_extra,
+                      control_image, control_scale) -> VizData:
+    """run_live's ControlNet text-to-image run (the same initial noise and loop key as without the ControlNet)."""
+    if not getattr(pipe, "controlnet", ()):
+        raise SdjaxError("--control-image needs --controlnet PATH (a pipeline with a ControlNet: "
+                         "FlaxStableDiffusionControlNetPipeline)")
+    if control_image is None:
+        raise SdjaxError("this pipeline has a ControlNet: give its control image (--control-image IMG, one per "
+                         "--controlnet)")
+    seeds = sample_seeds(seed, range(len(prompts)))
+    images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+    control = [pipe.prepare_image_inputs(im, height, width) for im in images]  # [1, 3, H, W] each: one for all
+    height, width = control[0].shape[-2:]
+    pipe.check_inputs(height, width, steps, len(prompts))
+    out = pipe(pipe.prepare_text_inputs(prompts), control, params, loop_key(seed, 0), num_inference_steps=steps,
+               guidance_scale=guidance, height=height, width=width, latents=initial_latents(pipe, seeds, height, width),
+               controlnet_conditioning_scale=control_scale, return_trajectory=True, output_attentions=attentions)
+    scales = pipe._per_controlnet(control_scale, "controlnet_conditioning_scale")
+    settings = {"steps": steps, "guidance_scale": guidance, "seed": seed, **(settings_extra or {}),
+                "height": int(height), "width": int(width),
+                "controlnet_conditioning_scale": scales[0] if len(scales) == 1 else scales}
+    data = from_output(pipe, out, prompts, seeds=seeds, settings=settings)
+    data.control = {"images": [np.broadcast_to(c, (len(prompts),) + c.shape[1:]).astype(np.float32) for c in control],
+                    "scales": scales}
+    return data
 
 
 def from_output(pipe, out, prompts: list[str], seeds: list[int] | None = None, settings: dict | None = None) -> VizData:
@@ -164,6 +204,8 @@ def from_shard(path) -> VizData:
 
 def decode(pipe, vae_params, data: VizData, chunk_size: int = 32) -> Frames:
     """Decode x_t, x̂0 and the final sample of every step in one pass (one compiled chunk shape)."""
+    if getattr(pipe, "controlnet", ()):  # the same VAE: reuse the text-to-image pipeline's compiled decoder
+        pipe = pipeline_for(pipe, "text2img").from_pipe(pipe)
     t = data.num_steps
     stack = np.concatenate([data.noisy_latents(), data.x0, data.latents[-1:]])
     frames = pipe.decode_frames(vae_params, stack, chunk_size=min(chunk_size, stack.shape[0] * stack.shape[1]),

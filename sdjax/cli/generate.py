@@ -60,13 +60,9 @@ def embedding_arg(text: str) -> tuple[str, str | None]:
     return path, token
 
 
-def add_commands(sub) -> None:
-    g = sub.add_parser("generate", help="text -> images (PNG) and a JSON of the settings")
-    add_model_args(g)
-    g.add_argument("--prompt", required=True, help="the text prompt")
-    g.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
-    g.add_argument("--num-images", type=positive_int, default=1, help="images to generate for the prompt (default: 1)")
-    c = g.add_argument_group("ControlNet (repeat --controlnet/--control-image for several ControlNets, in order)")
+def add_controlnet_args(p: argparse.ArgumentParser):
+    """--controlnet, --control-image, --control-scale (repeatable); returns their argument group."""
+    c = p.add_argument_group("ControlNet (repeat --controlnet/--control-image for several ControlNets, in order)")
     c.add_argument("--controlnet", action="append", default=[], metavar="PATH",
                    help="a diffusers ControlNet folder or hub repo id (e.g. sdjax/assets/toy-shapes-controlnet)")
     c.add_argument("--control-image", action="append", default=[], metavar="IMG",
@@ -74,6 +70,16 @@ def add_commands(sub) -> None:
                         "or --height/--width (it is then resized with Lanczos, as diffusers does)")
     c.add_argument("--control-scale", action="append", type=finite_float, default=[], metavar="S",
                    help="controlnet_conditioning_scale: one for all, or one per ControlNet (default: 1)")
+    return c
+
+
+def add_commands(sub) -> None:
+    g = sub.add_parser("generate", help="text -> images (PNG) and a JSON of the settings")
+    add_model_args(g)
+    g.add_argument("--prompt", required=True, help="the text prompt")
+    g.add_argument("--negative-prompt", default="", help="what the image should not show (default: none)")
+    g.add_argument("--num-images", type=positive_int, default=1, help="images to generate for the prompt (default: 1)")
+    c = add_controlnet_args(g)
     c.add_argument("--control-start", action="append", type=finite_float, default=[], metavar="F",
                    help="control_guidance_start: the fraction of the steps before the ControlNet acts (default: 0)")
     c.add_argument("--control-end", action="append", type=finite_float, default=[], metavar="F",
@@ -312,20 +318,23 @@ def check_control_args(args) -> dict:
     from ..errors import InputError
 
     k = len(args.controlnet)
+    # sdjax viz takes --controlnet, --control-image and --control-scale only
+    starts, ends = getattr(args, "control_start", []), getattr(args, "control_end", [])
+    guess_mode = getattr(args, "guess_mode", False)
     if not k:
         given = [f for f, v in (("--control-image", args.control_image), ("--control-scale", args.control_scale),
-                                ("--control-start", args.control_start), ("--control-end", args.control_end),
-                                ("--guess-mode", args.guess_mode)) if v]
+                                ("--control-start", starts), ("--control-end", ends), ("--guess-mode", guess_mode))
+                 if v]
         if given:
             raise InputError(f"{given[0]} needs --controlnet PATH (a diffusers ControlNet folder)")
         return {}
     if len(args.control_image) != k:
         raise InputError(f"{len(args.control_image)} --control-image for {k} --controlnet: give one control image per "
                          "ControlNet, in the same order")
-    call = {"guess_mode": bool(args.guess_mode)}
+    call = {"guess_mode": bool(guess_mode)}
     for flag, values, key, default in (("--control-scale", args.control_scale, "controlnet_conditioning_scale", 1.0),
-                                       ("--control-start", args.control_start, "control_guidance_start", 0.0),
-                                       ("--control-end", args.control_end, "control_guidance_end", 1.0)):
+                                       ("--control-start", starts, "control_guidance_start", 0.0),
+                                       ("--control-end", ends, "control_guidance_end", 1.0)):
         if len(values) not in (0, 1, k):
             raise InputError(f"{len(values)} {flag} for {k} --controlnet: give one for all, or one per ControlNet")
         values = values or [default]
