@@ -1,8 +1,9 @@
-"""Score a text-to-image model (or a cascade: the model, then an upscaler) on "shapes" with a classifier trained on
-real images.
+"""Score a text-to-image model (or a cascade: the model, then an upscaler; or the model steered by a silhouette
+ControlNet) on "shapes" with a classifier trained on real images.
 
     sdjax train evaluate --model sdjax/assets/toy-shapes --guidance 5 --out runs/eval
     sdjax train evaluate --cascade --noise-level 0 100 250 --out runs/eval_cascade   # text -> 32x32 -> 64x64
+    sdjax train evaluate --controlnet --per-caption 2 --out runs/eval_controlnet   # the toy ControlNet, with/without
 
 1. A small Flax CNN learns (color, shape, background) from real "shapes" images (trained once, saved in
    --classifier-dir); its held-out accuracy is reported: it should be >= 98% before its scores are trusted.
@@ -10,6 +11,8 @@ real images.
 3. Color / shape / background accuracy: how often the classifier reads back what the caption asked for.
    FD: the Frechet distance between the classifier's penultimate features of generated and real images
    (an FID with a domain-specific feature extractor); FD between two real sets is given as the floor.
+A ControlNet (`evaluate_controlnet`) is also scored by how well the generated shape covers its held-out control
+silhouette (IoU), with and without it.
 """
 
 from __future__ import annotations
@@ -405,10 +408,34 @@ def evaluate_controlnet(model_path, controlnet_path, classifier_dir="runs/shapes
         write_json(out / "eval_controlnet.json", result)
         save_control_comparison(silhouettes, generated["without"], generated["with"], real,
                                 out / "controlnet_samples.png")
+        save_disagreement(pipe, params, silhouettes, labels, out / "controlnet_disagree.png", scale=scale, seed=seed,
+                          guidance=guidance, steps=steps)
     return result
 
 
-def save_control_comparison(silhouettes, without, with_, real, path, count: int = 18, scale: int = 2):
+def save_disagreement(pipe, params, silhouettes, labels, path, scale=1.0, seed=0, guidance=5.0, steps=25,
+                      color: int = 0, background: int = 0, size: int = 4):
+    """Prompt and silhouette disagreeing: rows the first held-out circle, square and triangle silhouette of
+    `color` on `background`; columns the control image, then the prompt asking for each shape in that color and
+    background (the diagonal agrees). Each image shown `size` x."""
+    rows = [int(np.flatnonzero((labels == (color, s, background)).all(1))[0]) for s in range(len(data_lib.SHAPES))]
+    n = len(data_lib.SHAPES)
+    control = np.repeat(silhouettes[np.repeat(rows, n)][:, None].astype(np.float32) / 255.0, 3, axis=1)
+    captions = [data_lib.caption_for(color, s, background) for _ in rows for s in range(n)]
+    images = generate_controlled(pipe, params, captions, control, scale, seed=seed, guidance=guidance, steps=steps,
+                                 batch_size=len(captions))
+    big = lambda im: im.repeat(size, 0).repeat(size, 1)  # noqa: E731
+    gap = np.full((silhouettes.shape[1] * size, 4, 3), 255, np.uint8)
+    lines = []
+    for r, i in enumerate(rows):
+        cells = [big(np.repeat(silhouettes[i][..., None], 3, axis=-1)), np.full_like(gap, 255), gap]
+        cells += [x for k in range(n) for x in (big(images[r * n + k]), gap)]
+        line = np.concatenate(cells[:-1], axis=1)
+        lines += [line, np.full((4, line.shape[1], 3), 255, np.uint8)]
+    write_png(path, np.concatenate(lines[:-1], axis=0))
+
+
+def save_control_comparison(silhouettes, without, with_, real, path, count: int = 18, scale: int = 3):
     """Columns: control silhouette, without the ControlNet, with it, the real image; `count` rows of the first images
     (the first 18: every color, shape and background), each shown `scale` x, in two blocks side by side."""
     n = min(count, len(silhouettes))

@@ -231,7 +231,8 @@ def _evaluate_controlnet(args, model, files) -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         record_output(args.out, "sdjax train evaluate", sorted(files | {"eval_controlnet.json",
-                                                                         "controlnet_samples.png"}))
+                                                                         "controlnet_samples.png",
+                                                                         "controlnet_disagree.png"}))
 
 
 def cmd_guidance_study(args) -> None:
