@@ -75,5 +75,7 @@ def test_evaluate_controlnet_from_the_command_line(tmp_path, capsys):
         assert set(row["adherence"]) == {"color", "shape", "background"}
         assert all(0.0 <= v <= 1.0 for v in row["adherence"].values())
         assert np.isfinite(row["fd_vs_real"])
+    ceiling = result["vae_reconstruction"]  # real images through the VAE: no diffusion, so close to the silhouettes
+    assert ceiling["median_iou"] > 0.85 and set(ceiling["median_iou_per_shape"]) == set(data.SHAPES)
     # the ControlNet puts the shape where the silhouette is, even in 4 steps
     assert rows["with"]["median_iou"] > rows["without"]["median_iou"] + 0.2, rows

@@ -399,6 +399,13 @@ def evaluate_controlnet(model_path, controlnet_path, classifier_dir="runs/shapes
                                                for k, shape in enumerate(data_lib.SHAPES)},
                       "adherence": accuracies(preds, labels), "fd_vs_real": frechet_distance(feats, real_feats),
                       "controlnet_conditioning_scale": s, "seconds": seconds}
+    # the ceiling: the real images through the frozen VAE (encode, posterior mean, decode), all a ControlNet steers
+    recon = vae_reconstructions(pipe, params["vae"], real)
+    iou = mask_iou(shape_masks(recon, labels), silhouettes)
+    result["vae_reconstruction"] = {
+        "median_iou": float(np.median(iou)), "adherence": accuracies(predict(clf, recon)[1], labels),
+        "median_iou_per_shape": {shape: float(np.median(iou[labels[:, 1] == k]))
+                                 for k, shape in enumerate(data_lib.SHAPES)}}
     result |= {"rows": rows, "model": str(model_path), "controlnet": str(controlnet_path), "guidance": guidance,
                "steps": steps, "images": len(captions), "per_caption": per_caption, "data_seed": data_seed,
                "seed": seed, "scheduler": type(pipe.scheduler).__name__, "total_seconds": time.time() - t_load}
@@ -411,6 +418,20 @@ def evaluate_controlnet(model_path, controlnet_path, classifier_dir="runs/shapes
         save_disagreement(pipe, params, silhouettes, labels, out / "controlnet_disagree.png", scale=scale, seed=seed,
                           guidance=guidance, steps=steps)
     return result
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(vae, vae_params, x):
+    return vae.apply({"params": vae_params}, vae.apply({"params": vae_params}, x, method=vae.encode).mean,
+                     method=vae.decode)
+
+
+def vae_reconstructions(pipe, vae_params, images_uint8) -> np.ndarray:
+    """images [N, H, W, 3] uint8 -> the VAE's reconstructions (posterior mean decoded), uint8."""
+    x = jnp.asarray(images_uint8.transpose(0, 3, 1, 2), jnp.float32) / 127.5 - 1.0
+    out = _reconstruct(pipe.vae, vae_params, x)
+    out = np.asarray(getattr(out, "sample", out))
+    return np.round(np.clip((out + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 
 
 def save_disagreement(pipe, params, silhouettes, labels, path, scale=1.0, seed=0, guidance=5.0, steps=25,
