@@ -38,7 +38,7 @@ from . import data as data_lib
 from . import parallel
 from .checkpointing import Checkpointer, check_or_write_config, prepare_workdir
 from .config import LoopConfig, check_ranges, to_jsonable
-from .ldm import cached_latents
+from .ldm import cached_latents, noised_batch
 from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
@@ -133,17 +133,10 @@ def create_train_state(cfg: Config, cn_params, unet_params, contexts):
 def train_step(cfg: Config, controlnet, unet, noise_sched, scaling_factor, empty_row, state, batch, key):
     """One step: z from the cached posterior, captions dropped, noise, ControlNet residuals into the frozen UNet,
     the base objective; AdamW on the ControlNet only; EMA."""
-    mean, std, rows = batch["latent_mean"], batch["latent_std"], batch["caption"]
-    b = mean.shape[0]
-    k_z, k_noise, k_t, k_drop = jax.random.split(key, 4)
-    z = (mean + std * jax.random.normal(k_z, mean.shape)) * scaling_factor
-    drop = jax.random.uniform(k_drop, (b,)) < cfg.caption_dropout
-    context = state["frozen"]["contexts"][jnp.where(drop, empty_row, rows)]
+    drop, t, noisy, target = noised_batch(key, batch, scaling_factor, noise_sched, noise_sched.num_train_timesteps,
+                                          noise_sched.config["prediction_type"], cfg.caption_dropout)
+    context = state["frozen"]["contexts"][jnp.where(drop, empty_row, batch["caption"])]
     control = jnp.repeat(batch["silhouette"][:, None].astype(jnp.float32) / 255.0, 3, axis=1)  # [B, 3, H, W] in [0, 1]
-    noise = jax.random.normal(k_noise, z.shape)
-    t = jax.random.randint(k_t, (b,), 0, noise_sched.num_train_timesteps)
-    noisy = noise_sched.add_noise(z, noise, t)
-    target = noise if noise_sched.config["prediction_type"] == "epsilon" else noise_sched.get_velocity(z, noise, t)
     unet_params = state["frozen"]["unet"]
 
     def loss_fn(params):

@@ -140,18 +140,28 @@ def create_train_state(cfg: Config, text_encoder, unet):
             "ema": jax.tree_util.tree_map(jnp.copy, params)}  # own buffers: the state is donated
 
 
-def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, state, batch, key):
-    """One step: sample z from the cached posterior, drop captions, noise, predict, MSE; AdamW; EMA."""
-    mean, std, ids = batch["latent_mean"], batch["latent_std"], batch["input_ids"]
+def noised_batch(key, batch, scaling_factor, noise_sched, num_train_timesteps: int, prediction_type: str,
+                 caption_dropout: float):
+    """The LDM objective's inputs for a batch of cached posteriors (batch["latent_mean"], batch["latent_std"]):
+    (captions to drop [B] bool, timesteps [B], noised latents, target: the noise or the velocity). z is sampled from
+    the posterior and scaled; the key splits into (z, noise, t, drop) as every trainer here has always used it."""
+    mean, std = batch["latent_mean"], batch["latent_std"]
     b = mean.shape[0]
     k_z, k_noise, k_t, k_drop = jax.random.split(key, 4)
     z = (mean + std * jax.random.normal(k_z, mean.shape)) * scaling_factor
-    drop = jax.random.uniform(k_drop, (b,)) < cfg.caption_dropout
-    ids = jnp.where(drop[:, None], empty_ids[None, :], ids)
+    drop = jax.random.uniform(k_drop, (b,)) < caption_dropout
     noise = jax.random.normal(k_noise, z.shape)
-    t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
+    t = jax.random.randint(k_t, (b,), 0, num_train_timesteps)
     noisy = noise_sched.add_noise(z, noise, t)
-    target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(z, noise, t)
+    target = noise if prediction_type == "epsilon" else noise_sched.get_velocity(z, noise, t)
+    return drop, t, noisy, target
+
+
+def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, state, batch, key):
+    """One step: sample z from the cached posterior, drop captions, noise, predict, MSE; AdamW; EMA."""
+    drop, t, noisy, target = noised_batch(key, batch, scaling_factor, noise_sched, cfg.num_train_timesteps,
+                                          cfg.prediction_type, cfg.caption_dropout)
+    ids = jnp.where(drop[:, None], empty_ids[None, :], batch["input_ids"])
 
     def loss_fn(params):
         context = text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state

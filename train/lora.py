@@ -40,7 +40,7 @@ from . import parallel
 from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config, prepare_workdir
 from .config import LoopConfig, check_choice, check_ranges, to_jsonable
-from .ldm import encode_dataset
+from .ldm import encode_dataset, noised_batch
 from .loop import Step, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
@@ -135,16 +135,10 @@ def create_train_state(cfg: Config, params) -> dict:
 def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, state, batch, key):
     """One step: z from the cached posterior, captions dropped, noise, predict with the LoRA merged, MSE; Adam.
     batch["base"] holds the frozen base params (replicated; an argument of the program, not a constant in it)."""
-    mean, std, ids, base = batch["latent_mean"], batch["latent_std"], batch["input_ids"], batch["base"]
-    b = mean.shape[0]
-    k_z, k_noise, k_t, k_drop = jax.random.split(key, 4)
-    z = (mean + std * jax.random.normal(k_z, mean.shape)) * scaling_factor
-    drop = jax.random.uniform(k_drop, (b,)) < cfg.caption_dropout
-    ids = jnp.where(drop[:, None], empty_ids[None, :], ids)
-    noise = jax.random.normal(k_noise, z.shape)
-    t = jax.random.randint(k_t, (b,), 0, noise_sched.config.num_train_timesteps)
-    noisy = noise_sched.add_noise(z, noise, t)
-    target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(z, noise, t)
+    base = batch["base"]
+    drop, t, noisy, target = noised_batch(key, batch, scaling_factor, noise_sched, noise_sched.config.num_train_timesteps,
+                                          noise_sched.config.prediction_type, cfg.caption_dropout)
+    ids = jnp.where(drop[:, None], empty_ids[None, :], batch["input_ids"])
 
     def loss_fn(lora):
         params = merge_lora(base, {"lora": to_adapter(cfg, lora)})
