@@ -1,4 +1,4 @@
-"""A LoRA that teaches the shipped toy model a shape it never saw ("star"), kept in line on the old shapes.
+"""A LoRA that teaches the shipped toy model a colour word it never saw ("orange"), kept in line on the old prompts.
 
 Every key of `sdjax.train.lora.Config` is here: configs are the only place defaults live.
 """
@@ -7,8 +7,8 @@ Every key of `sdjax.train.lora.Config` is here: configs are the only place defau
 def get_config():
     return dict(
         base_model=None,           # a pipeline folder; None: the shipped toy model (sdjax/assets/toy-shapes)
-        # data: concept images ("a red star on a white background", ...) mixed with the old shapes images
-        concept="star",            # a train.data NEW_SHAPES name
+        # data: concept images ("an orange circle on a white background", ...) mixed with the old shapes images
+        concept="orange",          # a train.data CONCEPTS name: a new colour word ("orange") or shape ("star")
         num_concept_images=3000,
         num_prior_images=3000,     # old shapes images (the base model's training set), so old prompts keep working
         prior_fraction=0.5,        # share of each batch taken from the old shapes images
@@ -20,11 +20,12 @@ def get_config():
         rank=8,
         alpha=8.0,
         caption_dropout=0.1,       # captions replaced by "" (classifier-free guidance keeps working)
+        ema_decay=0.99,            # the exported adapter is the EMA of the factors (as the LDM and ControlNet stages)
         # optimisation
         seed=0,
         batch_size=64,
         num_steps=600,
-        learning_rate=3e-3,
+        learning_rate=1e-3,
         warmup_steps=30,
         # bookkeeping
         checkpoint_every=200,

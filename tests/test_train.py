@@ -84,6 +84,30 @@ def test_shapes_dataset_is_deterministic():
     assert sorted(epoch) == list(range(40))
 
 
+def test_concept_datasets_replace_one_attribute_of_the_shapes_images():
+    """LoRA concepts: image i of concept_dataset is shapes image i with its colour ("orange") or shape ("star")
+    replaced; everything else (the other labels, position, size) is the same."""
+    base = data.shapes_dataset(30, seed=2)
+    orange = data.concept_dataset("orange", 30, seed=2)
+    star = data.concept_dataset("star", 30, seed=2)
+    i_orange, i_star = data.ALL_COLOR_NAMES.index("orange"), data.ALL_SHAPES.index("star")
+    assert (orange.labels[:, 0] == i_orange).all() and (orange.labels[:, 1:] == base.labels[:, 1:]).all()
+    assert (star.labels[:, 1] == i_star).all() and (star.labels[:, [0, 2]] == base.labels[:, [0, 2]]).all()
+    assert orange.captions[0] == f"an orange {data.SHAPES[base.labels[0, 1]]} on a " \
+                                 f"{data.BACKGROUND_NAMES[base.labels[0, 2]]} background"
+    assert star.captions[0].startswith(f"a {data.COLOR_NAMES[base.labels[0, 0]]} star on a ")
+    # the shape's pixels: orange where the base image had its colour, background pixels unchanged
+    fg = np.array(data.COLORS[data.COLOR_NAMES[base.labels[0, 0]]]) * 255
+    inside = np.abs(base.images[0].astype(float) - fg).max(-1) < 1
+    assert inside.sum() > 20
+    np.testing.assert_allclose(orange.images[0][inside], [[255, 128, 0]] * int(inside.sum()), atol=1)
+    outside = np.abs(base.images[0].astype(float) - base.images[0][0, 0]).max(-1) < 1  # pure background
+    assert outside.sum() > 200
+    np.testing.assert_array_equal(orange.images[0][outside], base.images[0][outside])
+    with pytest.raises(data.DataError, match=r"unknown concept 'purple' \(shapes: .*colours: .*orange"):
+        data.concept_dataset("purple", 2)
+
+
 def test_image_folder_dataset(tmp_path):
     from PIL import Image
 

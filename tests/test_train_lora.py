@@ -40,6 +40,22 @@ def test_config_errors():
         lora.init_lora(config("unet_targets=['to_q', 'to_x']"), lora.load_base(config())[2], jax.random.PRNGKey(0))
 
 
+def test_evaluation_classifier_extends_to_the_concept(tmp_path):
+    """The evaluation's classifier gets one more colour class for "orange", one more shape class for "star"."""
+    from sdjax.train import data
+    from sdjax.train import evaluate as ev
+
+    assert ev.class_counts() == (3, 6)
+    assert ev.class_counts(("orange",)) == (3, 7) and ev.class_counts(("star",)) == (4, 6)
+    assert data.ALL_COLOR_NAMES[6] == "orange" and data.ALL_SHAPES[3] == "star"
+    params = ev.ShapesClassifier(*ev.class_counts(("orange",))).init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)))
+    feats, logits = ev.ShapesClassifier(3, 7).apply(params, np.zeros((2, 32, 32, 3)))
+    assert {k: v.shape for k, v in logits.items()} == {"color": (2, 7), "shape": (2, 3), "background": (2, 3)}
+    assert (ev.num_colors_of(params["params"]), ev.num_shapes_of(params["params"])) == (7, 3)
+    with pytest.raises(data.DataError, match=r"extra \['circle'\]: not new concepts .*star, orange"):
+        ev.load_or_train_classifier(tmp_path, extra=("circle",))
+
+
 @pytest.mark.slow
 def test_lora_trains_and_loads_in_sdjax(trained):
     workdir, summary = trained

@@ -39,7 +39,7 @@ from . import parallel
 from .checkpointing import Checkpointer, check_or_write_config, prepare_workdir
 from .config import LoopConfig, check_ranges, to_jsonable
 from .ldm import cached_latents, noised_batch
-from .loop import Step, restore_or_init, run_steps
+from .loop import Step, ema_update, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ def train_step(cfg: Config, controlnet, unet, noise_sched, scaling_factor, empty
     updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"] + 1
-    decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+    ema = ema_update(state["ema"], params, step, cfg.ema_decay)
     new = {"step": step, "params": params, "opt_state": opt_state, "ema": ema, "frozen": state["frozen"]}
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 

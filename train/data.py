@@ -30,9 +30,13 @@ COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1
 SHAPES = ("circle", "square", "triangle")
 NEW_SHAPES = ("star",)  # never drawn in "shapes": concept_dataset draws them
 ALL_SHAPES = SHAPES + NEW_SHAPES  # shape label i is ALL_SHAPES[i]
+NEW_COLORS = {"orange": (1.0, 0.5, 0.0)}  # never drawn in "shapes" either
+ALL_COLORS = {**COLORS, **NEW_COLORS}  # colour label i is ALL_COLOR_NAMES[i]
 STAR_INNER = 0.5  # a star's inner radius / outer radius (a regular pentagram's is 0.38: thicker reads better at 32 px)
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
 COLOR_NAMES = tuple(COLORS)
+ALL_COLOR_NAMES = tuple(ALL_COLORS)
+CONCEPTS = NEW_SHAPES + tuple(NEW_COLORS)  # what a LoRA can teach the toy model (train/lora.py)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 HELD_OUT_START = 10_000_000  # shapes indices used for evaluation (never in a training set)
@@ -55,7 +59,9 @@ class ImageDataset:
 
 
 def caption_for(color: int, shape: int, background: int) -> str:
-    return f"a {COLOR_NAMES[color]} {ALL_SHAPES[shape]} on a {BACKGROUND_NAMES[background]} background"
+    name = ALL_COLOR_NAMES[color]
+    article = "an" if name[0] in "aeiou" else "a"  # "an orange circle"; every old colour takes "a"
+    return f"{article} {name} {ALL_SHAPES[shape]} on a {BACKGROUND_NAMES[background]} background"
 
 
 def all_shape_captions() -> list[tuple[tuple[int, int, int], str]]:
@@ -97,7 +103,7 @@ def _star_mask(dx, dy, outer: float, inner: float):
 def render_shape(color: int, shape: int, background: int, center, radius: float, image_size: int) -> np.ndarray:
     """One image [H, W, 3] uint8. `center` (x, y) and `radius` in pixels; the shape fits in the circle of that radius."""
     mask = _shape_mask(shape, center, radius, image_size)
-    fg, bg = np.array(COLORS[COLOR_NAMES[color]]), np.array(BACKGROUNDS[BACKGROUND_NAMES[background]])
+    fg, bg = np.array(ALL_COLORS[ALL_COLOR_NAMES[color]]), np.array(BACKGROUNDS[BACKGROUND_NAMES[background]])
     img = np.where(mask[..., None], fg, bg)
     img = img.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.round(img * 255).astype(np.uint8)
@@ -135,14 +141,17 @@ def shape_geometry(seed: int, index: int, image_size: int = 32) -> ShapeGeometry
     return ShapeGeometry(color, shape, background, (float(cx), float(cy)), float(radius))
 
 
-def shapes_example(seed: int, index: int, image_size: int = 32, shape: int | None = None):
+def shapes_example(seed: int, index: int, image_size: int = 32, shape: int | None = None,
+                   color: int | None = None):
     """(image, (color, shape, background)) of shapes image `index`: a function of (seed, index) only.
 
-    shape: draw this shape (an ALL_SHAPES index) instead of the drawn one; colour, background, size and position
-    are those of the same (seed, index) (`concept_dataset`)."""
+    shape / color: draw this shape (an ALL_SHAPES index) or colour (an ALL_COLOR_NAMES index) instead of the drawn
+    one; everything else is that of the same (seed, index) (`concept_dataset`)."""
     g = shape_geometry(seed, index, image_size)
     if shape is not None:
         g = dataclasses.replace(g, shape=int(shape))
+    if color is not None:
+        g = dataclasses.replace(g, color=int(color))
     return render_shape(g.color, g.shape, g.background, g.center, g.radius, image_size), g.labels
 
 
@@ -158,22 +167,28 @@ def shapes_dataset(n: int, seed: int = 0, image_size: int = 32, start: int = 0) 
     return _shapes_dataset(n, seed, image_size, start)
 
 
-def concept_dataset(shape: str, n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:
-    """n images of one shape (a NEW_SHAPES name, or an old one) in every colour and background, random size and
-    position, captioned like "shapes": "a red star on a white background". A function of (seed, index)."""
-    if shape not in ALL_SHAPES:
-        raise DataError(f"unknown shape {shape!r} (shapes: {', '.join(ALL_SHAPES)})")
-    return _shapes_dataset(n, seed, image_size, start, ALL_SHAPES.index(shape))
+def concept_dataset(concept: str, n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:
+    """n images of one shape (a NEW_SHAPES name, or an old one) in every colour and background, or of one colour
+    (a NEW_COLORS name, or an old one) in every shape and background; random size and position, captioned like
+    "shapes": "a red star on a white background", "an orange circle on a gray background". A function of
+    (seed, index): image i is shapes image i with its shape or colour replaced."""
+    if concept in ALL_SHAPES:
+        return _shapes_dataset(n, seed, image_size, start, shape=ALL_SHAPES.index(concept))
+    if concept in ALL_COLORS:
+        return _shapes_dataset(n, seed, image_size, start, color=ALL_COLOR_NAMES.index(concept))
+    raise DataError(f"unknown concept {concept!r} (shapes: {', '.join(ALL_SHAPES)}; "
+                    f"colours: {', '.join(ALL_COLOR_NAMES)})")
 
 
 @functools.lru_cache(maxsize=4)
-def _shapes_dataset(n: int, seed: int, image_size: int, start: int, shape: int | None = None) -> ImageDataset:
+def _shapes_dataset(n: int, seed: int, image_size: int, start: int, shape: int | None = None,
+                    color: int | None = None) -> ImageDataset:
     if image_size not in (32, 64):
         raise DataError(f"shapes: image_size must be 32 or 64, got {image_size}")
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     labels = np.empty((n, 3), np.int32)
     for i in range(n):
-        images[i], labels[i] = shapes_example(seed, start + i, image_size, shape)
+        images[i], labels[i] = shapes_example(seed, start + i, image_size, shape, color)
     images.setflags(write=False)  # shared by the cache
     return ImageDataset(images, [caption_for(*l) for l in labels], labels)
 

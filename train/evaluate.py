@@ -39,17 +39,21 @@ logger = logging.getLogger(__name__)
 HEADS = (("color", len(data_lib.COLORS)), ("shape", len(data_lib.SHAPES)), ("background", len(data_lib.BACKGROUNDS)))
 
 
-def heads(num_shapes: int = len(data_lib.SHAPES)):
-    """The classifier's heads; the shape head has one class per ALL_SHAPES entry it was trained on."""
-    return tuple((name, num_shapes if name == "shape" else n) for name, n in HEADS)
+def heads(num_shapes: int = len(data_lib.SHAPES), num_colors: int = len(data_lib.COLORS)):
+    """The classifier's heads; the shape / color head has one class per ALL_SHAPES / ALL_COLOR_NAMES entry it was
+    trained on."""
+    sizes = {"shape": num_shapes, "color": num_colors}
+    return tuple((name, sizes.get(name, n)) for name, n in HEADS)
 
 
 class ShapesClassifier(nn.Module):
     """Images [B, H, W, 3] in [0, 1] -> (features [B, 128], {head: logits}).
 
-    num_shapes: 3 (SHAPES: the shipped evaluation), or more when extended with NEW_SHAPES (`extra_shapes`)."""
+    num_shapes, num_colors: 3 and 6 (SHAPES, COLORS: the shipped evaluation), or more when extended with
+    NEW_SHAPES or NEW_COLORS (`extra`)."""
 
     num_shapes: int = len(data_lib.SHAPES)
+    num_colors: int = len(data_lib.COLORS)
 
     @nn.compact
     def __call__(self, x):
@@ -57,7 +61,7 @@ class ShapesClassifier(nn.Module):
             x = nn.relu(nn.Conv(c, (3, 3), strides=s)(x))
         x = nn.relu(nn.Conv(128, (3, 3))(x))
         feats = nn.relu(nn.Dense(128)(jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], -1)))
-        return feats, {name: nn.Dense(n, name=name)(feats) for name, n in heads(self.num_shapes)}
+        return feats, {name: nn.Dense(n, name=name)(feats) for name, n in heads(self.num_shapes, self.num_colors)}
 
 
 def _float(images_uint8):
@@ -68,13 +72,14 @@ def _classifier_optimizer(steps: int):
     return optax.adam(optax.cosine_decay_schedule(2e-3, steps))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _classifier_step(steps: int, params, opt, x, y, key, num_shapes: int = len(data_lib.SHAPES)):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _classifier_step(steps: int, params, opt, x, y, key, num_shapes: int = len(data_lib.SHAPES),
+                     num_colors: int = len(data_lib.COLORS)):
     # a little pixel noise, so generated images' small artifacts do not confuse it
     x = x + 0.03 * jax.random.normal(key, x.shape)
 
     def loss_fn(p):
-        _, logits = ShapesClassifier(num_shapes).apply({"params": p}, x)
+        _, logits = ShapesClassifier(num_shapes, num_colors).apply({"params": p}, x)
         return sum(optax.softmax_cross_entropy_with_integer_labels(logits[name], y[:, i]).mean()
                    for i, (name, _) in enumerate(HEADS))
 
@@ -83,33 +88,42 @@ def _classifier_step(steps: int, params, opt, x, y, key, num_shapes: int = len(d
     return optax.apply_updates(params, u), opt, loss
 
 
-# concept_dataset indices for the extended classifier's new-shape images (apart from the shapes images it trains on)
+# concept_dataset indices for the extended classifier's new-concept images (apart from the shapes images it trains on)
 EXTRA_SHAPES_START = 1_000_000
 
 
-def train_classifier(image_size=32, n_train=12000, steps=600, batch_size=128, seed=0, extra_shapes=()):
+def class_counts(extra=()) -> tuple[int, int]:
+    """(num_shapes, num_colors) of the classifier that also tells the `extra` concepts (CONCEPTS names) apart."""
+    shapes = [len(data_lib.SHAPES) - 1] + [data_lib.ALL_SHAPES.index(n) for n in extra if n in data_lib.ALL_SHAPES]
+    colors = [len(data_lib.COLORS) - 1] + [data_lib.ALL_COLOR_NAMES.index(n) for n in extra
+                                           if n in data_lib.ALL_COLORS]
+    return 1 + max(shapes), 1 + max(colors)
+
+
+def train_classifier(image_size=32, n_train=12000, steps=600, batch_size=128, seed=0, extra=()):
     """Train on shapes (data seed 1: images the LDM never saw). Returns params.
 
-    extra_shapes: NEW_SHAPES names to recognise too (their labels follow SHAPES in ALL_SHAPES' order): n_train / 3
-    images of each (as many as of each old shape) join the training set, and the steps grow in proportion. Without
-    them the classifier is the shipped evaluation's, trained exactly as before."""
+    extra: CONCEPTS names (new shapes, new colours) to recognise too (their labels follow the old ones in
+    ALL_SHAPES' / ALL_COLOR_NAMES' order): as many images of each as of each old shape (n_train / 3) or colour
+    (n_train / 6) join the training set, and the steps grow in proportion. Without them the classifier is the
+    shipped evaluation's, trained exactly as before."""
     ds = data_lib.shapes_dataset(n_train, seed=1, image_size=image_size)
     images, labels = ds.images, ds.labels
-    num_shapes = len(data_lib.SHAPES)
-    if extra_shapes:
-        extra = [data_lib.concept_dataset(name, n_train // len(data_lib.SHAPES), seed=1, image_size=image_size,
-                                          start=EXTRA_SHAPES_START) for name in extra_shapes]
-        images = np.concatenate([images] + [e.images for e in extra])
-        labels = np.concatenate([labels] + [e.labels for e in extra])
-        num_shapes = 1 + max(data_lib.ALL_SHAPES.index(n) for n in extra_shapes)
+    if extra:
+        sets = [data_lib.concept_dataset(
+            name, n_train // len(data_lib.SHAPES if name in data_lib.ALL_SHAPES else data_lib.COLORS), seed=1,
+            image_size=image_size, start=EXTRA_SHAPES_START) for name in extra]
+        images = np.concatenate([images] + [e.images for e in sets])
+        labels = np.concatenate([labels] + [e.labels for e in sets])
         steps = steps * len(images) // len(ds)
-    params = ShapesClassifier(num_shapes).init(jax.random.PRNGKey(seed),
-                                               jnp.zeros((1, image_size, image_size, 3)))["params"]
+    num_shapes, num_colors = class_counts(extra)
+    params = ShapesClassifier(num_shapes, num_colors).init(jax.random.PRNGKey(seed),
+                                                           jnp.zeros((1, image_size, image_size, 3)))["params"]
     opt = _classifier_optimizer(steps).init(params)
     for s in range(steps):
         idx = data_lib.batch_indices(len(images), batch_size, 1, s)
         params, opt, loss = _classifier_step(steps, params, opt, _float(images[idx]), jnp.asarray(labels[idx]),
-                                             jax.random.PRNGKey(s), num_shapes)
+                                             jax.random.PRNGKey(s), num_shapes, num_colors)
     return params
 
 
@@ -117,9 +131,13 @@ def num_shapes_of(params) -> int:
     return int(params["shape"]["kernel"].shape[-1])
 
 
+def num_colors_of(params) -> int:
+    return int(params["color"]["kernel"].shape[-1])
+
+
 @jax.jit
 def _classify(params, x):
-    return ShapesClassifier(num_shapes_of(params)).apply({"params": params}, x)
+    return ShapesClassifier(num_shapes_of(params), num_colors_of(params)).apply({"params": params}, x)
 
 
 def predict(params, images_uint8, batch_size=256):
@@ -149,22 +167,22 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
 
 
-def load_or_train_classifier(folder, image_size=32, extra_shapes=()):
-    """The cached classifier in `folder` (trained there on first use). extra_shapes: the extended one, which also
-    tells NEW_SHAPES apart (its own file, e.g. classifier_32+star.msgpack; the shipped evaluation's is untouched)."""
+def load_or_train_classifier(folder, image_size=32, extra=()):
+    """The cached classifier in `folder` (trained there on first use). extra: the extended one, which also tells
+    these CONCEPTS apart (its own file, e.g. classifier_32+orange.msgpack; the shipped evaluation's is untouched)."""
     folder = Path(folder)
-    extra_shapes = tuple(extra_shapes)
-    unknown = [n for n in extra_shapes if n not in data_lib.NEW_SHAPES]
+    extra = tuple(extra)
+    unknown = [n for n in extra if n not in data_lib.CONCEPTS]
     if unknown:
-        raise data_lib.DataError(f"extra_shapes {unknown}: not new shapes (new shapes: {', '.join(data_lib.NEW_SHAPES)})")
-    suffix = "".join(f"+{n}" for n in extra_shapes)
+        raise data_lib.DataError(f"extra {unknown}: not new concepts (new shapes and colours: "
+                                 f"{', '.join(data_lib.CONCEPTS)})")
+    suffix = "".join(f"+{n}" for n in extra)
     path = folder / f"classifier_{image_size}{suffix}.msgpack"
-    num_shapes = 1 + max([len(data_lib.SHAPES) - 1] + [data_lib.ALL_SHAPES.index(n) for n in extra_shapes])
-    template = ShapesClassifier(num_shapes).init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, image_size, image_size, 3)))["params"]
+    template = ShapesClassifier(*class_counts(extra)).init(jax.random.PRNGKey(0),
+                                                           jnp.zeros((1, image_size, image_size, 3)))["params"]
     if path.is_file():
         return serialization.from_bytes(template, path.read_bytes())
-    params = train_classifier(image_size, extra_shapes=extra_shapes)
+    params = train_classifier(image_size, extra=extra)
     folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(serialization.to_bytes(params))
     return params
@@ -337,7 +355,7 @@ def shape_masks(images_uint8: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The generated shape of each image: pixels nearer (RGB distance) the caption's color than its background's.
     images [N, H, W, 3] uint8, labels [N, 3] -> bool [N, H, W]."""
     x = images_uint8.astype(np.float32) / 255.0
-    fg = np.array([data_lib.COLORS[data_lib.COLOR_NAMES[c]] for c in labels[:, 0]], np.float32)[:, None, None]
+    fg = np.array([data_lib.ALL_COLORS[data_lib.ALL_COLOR_NAMES[c]] for c in labels[:, 0]], np.float32)[:, None, None]
     bg = np.array([data_lib.BACKGROUNDS[data_lib.BACKGROUND_NAMES[b]] for b in labels[:, 2]], np.float32)[:, None, None]
     return ((x - fg) ** 2).sum(-1) < ((x - bg) ** 2).sum(-1)
 

@@ -38,7 +38,7 @@ from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config, prepare_workdir
 from .config import LoopConfig, build_config, check_choice, check_ranges, to_jsonable
 from .export import COMMAND as EXPORT_COMMAND, export_pipeline
-from .loop import Step, restore_or_init, run_steps
+from .loop import Step, ema_update, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -172,8 +172,7 @@ def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, emp
     updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"] + 1
-    decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))  # warm-up: early EMA follows the weights
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+    ema = ema_update(state["ema"], params, step, cfg.ema_decay)
     return {"step": step, "params": params, "opt_state": opt_state, "ema": ema}, {"loss": loss,
                                                                                 "grad_norm": optax.tree.norm(grads)}
 

@@ -65,6 +65,13 @@ def train_step(step: Step, state, batch, key):
     return jax.lax.with_sharding_constraint(state, replicated), jax.lax.with_sharding_constraint(metrics, replicated)
 
 
+def ema_update(ema, params, step, decay: float):
+    """The exponential moving average of the weights after `step` (>= 1) updates, warmed up: the decay is
+    min(decay, (1 + step) / (10 + step)), so early on the average follows the weights."""
+    d = jax.numpy.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
 def compile_count() -> int:
     """How many programs `train_step` has compiled in this process (JAX's cache size)."""
     return train_step._cache_size()

@@ -1,10 +1,10 @@
-"""LoRA fine-tuning of a trained pipeline: teach the shipped toy model a new shape ("star").
+"""LoRA fine-tuning of a trained pipeline: teach the shipped toy model a new colour word ("orange") or shape ("star").
 
     sdjax train lora --config shapes_lora --workdir runs/shapes_lora
 
 The base model's weights stay frozen; only the LoRA factors (PEFT's A and B: `down` and `up` here) are trained,
 merged into the weights inside the compiled step exactly as the pipeline merges them at sampling time
-(`sdjax.lora.merge_lora`: W + alpha/rank * up @ down). Batches mix concept images ("a red star on a white
+(`sdjax.lora.merge_lora`: W + alpha/rank * up @ down). Batches mix concept images ("an orange circle on a white
 background", train.data.concept_dataset) with the base model's own training images, so the old prompts keep their
 adherence. Captions are dropped with probability caption_dropout, so classifier-free guidance still works. B starts
 at zero (the adapter starts as a no-op) and A at PEFT's kaiming-uniform scale.
@@ -41,7 +41,7 @@ from . import tokenizer as tokenizer_lib
 from .checkpointing import Checkpointer, check_or_write_config, prepare_workdir
 from .config import LoopConfig, check_choice, check_ranges, to_jsonable
 from .ldm import encode_dataset, noised_batch
-from .loop import Step, restore_or_init, run_steps
+from .loop import Step, ema_update, restore_or_init, run_steps
 from .metrics import MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Config(LoopConfig):
     rank: int
     alpha: float
     caption_dropout: float
+    ema_decay: float
     eval_per_caption: int
     eval_guidance: float
     eval_steps: int
@@ -72,8 +73,8 @@ class Config(LoopConfig):
         super().validate()
         check_ranges(self, at_least_one=("num_concept_images", "rank", "eval_per_caption", "eval_steps"),
                      non_negative=("num_prior_images",), positive=("alpha",),
-                     unit_interval=("caption_dropout",))
-        check_choice(self, "concept", data_lib.NEW_SHAPES)
+                     unit_interval=("caption_dropout", "ema_decay"))
+        check_choice(self, "concept", data_lib.CONCEPTS)
         if not 0 <= self.prior_fraction < 1:
             raise ConfigError(f"config key 'prior_fraction' must be in [0, 1), got {self.prior_fraction}")
         if self.prior_fraction > 0 and self.num_prior_images == 0:
@@ -129,11 +130,12 @@ def make_optimizer(cfg: Config):
 
 def create_train_state(cfg: Config, params) -> dict:
     lora = init_lora(cfg, params, jax.random.PRNGKey(cfg.seed))
-    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": make_optimizer(cfg).init(lora)}
+    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": make_optimizer(cfg).init(lora),
+            "ema": jax.tree_util.tree_map(jnp.copy, lora)}  # own buffers: the state is donated
 
 
 def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, state, batch, key):
-    """One step: z from the cached posterior, captions dropped, noise, predict with the LoRA merged, MSE; Adam.
+    """One step: z from the cached posterior, captions dropped, noise, predict with the LoRA merged, MSE; Adam; EMA.
     batch["base"] holds the frozen base params (replicated; an argument of the program, not a constant in it)."""
     base = batch["base"]
     drop, t, noisy, target = noised_batch(key, batch, scaling_factor, noise_sched, noise_sched.config.num_train_timesteps,
@@ -149,7 +151,8 @@ def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, emp
     loss, grads = jax.value_and_grad(loss_fn)(state["lora"])
     updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["lora"])
     lora = optax.apply_updates(state["lora"], updates)
-    return ({"step": state["step"] + 1, "lora": lora, "opt_state": opt_state},
+    step = state["step"] + 1
+    return ({"step": step, "lora": lora, "opt_state": opt_state, "ema": ema_update(state["ema"], lora, step, cfg.ema_decay)},
             {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
 
@@ -222,7 +225,7 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     tail = [r["loss"] for r in rows[-5:]]
     summary["final_loss_mean_last_5_logs"] = float(np.mean(tail)) if tail else None
     plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss", "grad_norm"), title="LoRA")
-    adapter = to_adapter(cfg, jax.device_get(state["lora"]))
+    adapter = to_adapter(cfg, jax.device_get(state["ema"]))  # the EMA of the factors, as the other stages export
     summary["lora"] = str(save_lora(workdir / "lora", adapter))
     summary["adapter"] = adapter.summary()
     summary["base_model"] = model
@@ -242,23 +245,30 @@ def _training_schedule(pipe) -> dict:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_lora(pipe, params, adapter: LoraAdapter, cfg: Config, classifier_dir, out_dir) -> dict:
-    """Concept prompts with the adapter: share classified as the concept (and colour/background adherence);
-    old prompts with and without it: colour/shape/background adherence (the shipped evaluation's classifier)."""
+    """Concept prompts with the adapter ("an orange {shape} on a {background} background" for every old shape and
+    background, or "a {color} star ..." for every old colour): the share classified as the concept
+    (`concept_produced`) and the other heads' adherence; old prompts with and without it: colour/shape/background
+    adherence (the shipped evaluation's classifier)."""
     size = pipe.default_size
-    concept_index = data_lib.ALL_SHAPES.index(cfg.concept)
-    clf_new = eval_lib.load_or_train_classifier(classifier_dir, size, extra_shapes=(cfg.concept,))
+    clf_new = eval_lib.load_or_train_classifier(classifier_dir, size, extra=(cfg.concept,))
     clf_old = eval_lib.load_or_train_classifier(classifier_dir, size)
     with_lora = {**params, "lora": {"lora": adapter}}  # what pipe.load_lora_weights(saved file, params) gives
     kw = dict(seed=0, guidance=cfg.eval_guidance, steps=cfg.eval_steps)
 
-    combos = [(c, concept_index, b) for c in range(len(data_lib.COLORS)) for b in range(len(data_lib.BACKGROUNDS))]
+    backgrounds = range(len(data_lib.BACKGROUNDS))
+    if cfg.concept in data_lib.ALL_SHAPES:
+        head, i = "shape", data_lib.ALL_SHAPES.index(cfg.concept)
+        combos = [(c, i, b) for c in range(len(data_lib.COLORS)) for b in backgrounds]
+    else:
+        head, i = "color", data_lib.ALL_COLOR_NAMES.index(cfg.concept)
+        combos = [(i, s, b) for s in range(len(data_lib.SHAPES)) for b in backgrounds]
     combos = combos * cfg.eval_per_caption
     t0 = time.time()
     gen = eval_lib.generate(pipe, with_lora, [data_lib.caption_for(*c) for c in combos], **kw)
     _, preds = eval_lib.predict(clf_new, gen)
-    labels = np.array(combos)
-    result = {"concept": cfg.concept, "concept_images": len(gen),
-              "concept_adherence": eval_lib.accuracies(preds, labels)}
+    adherence = eval_lib.accuracies(preds, np.array(combos))
+    result = {"concept": cfg.concept, "concept_images": len(gen), "concept_produced": adherence[head],
+              "concept_adherence": adherence}
     eval_lib.save_grid(gen[:18 * 2], Path(out_dir) / f"samples_{cfg.concept}.png", cols=18)
 
     old = [combo for combo, _ in data_lib.all_shape_captions()] * cfg.eval_per_caption
@@ -267,8 +277,8 @@ def evaluate_lora(pipe, params, adapter: LoraAdapter, cfg: Config, classifier_di
         images = eval_lib.generate(pipe, p, old_captions, **kw)
         result[name] = eval_lib.accuracies(eval_lib.predict(clf_old, images)[1], np.array(old))
         eval_lib.save_grid(images[:54], Path(out_dir) / f"samples_{name}.png", cols=18)
-    result["old_prompts_shape_change_points"] = 100 * (result["old_prompts_with_lora"]["shape"]
-                                                       - result["old_prompts_base"]["shape"])
+    result["old_prompts_change_points"] = {k: 100 * (result["old_prompts_with_lora"][k] - result["old_prompts_base"][k])
+                                           for k in result["old_prompts_base"]}
     result["seconds"] = time.time() - t0
     result |= {"guidance": cfg.eval_guidance, "steps": cfg.eval_steps, "per_caption": cfg.eval_per_caption}
     return result
