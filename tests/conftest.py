@@ -1,10 +1,23 @@
 import importlib.util
 import os
+import shutil
+import tempfile
 
 # 8 host CPU devices for the pmap / sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One JAX persistent compilation cache for the whole run: the test processes (pytest-xdist's workers inherit this
+# environment) and every command, kernel and multi-process run they start. Many tests compile the same programs
+# (the tiny pipelines at the same shapes, each `sdjax ...` subprocess, each restarted training process); with the
+# cache only the first compiles, the others load it. JAX keeps what took >= 1 s to compile. Results do not change:
+# a loaded program is the compiled one. Tests that count compiles read the in-memory jit caches, not this.
+# A cache the user set is used as it is; the one made here is removed at the end.
+_OWN_COMPILE_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_COMPILE_CACHE = tempfile.mkdtemp(prefix="sdjax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILE_CACHE
 
 import pytest
 
@@ -16,6 +29,11 @@ NO_REFERENCE = ("the PyTorch reference (torch, diffusers, transformers) is not i
 def pytest_configure(config):
     config.addinivalue_line("markers", "parity: compares sdjax with diffusers/transformers PyTorch (needs torch)")
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (trains, or runs a subprocess)")
+
+
+def pytest_unconfigure(config):
+    if _OWN_COMPILE_CACHE and not hasattr(config, "workerinput"):  # made by this process, not an xdist worker
+        shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
