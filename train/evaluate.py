@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from sdjax.io import write_json, write_png
+from sdjax.io import atomic_write, write_json, write_png
 from sdjax.pipelines import FlaxStableDiffusionPipeline, FlaxStableDiffusionUpscalePipeline
 
 from . import data as data_lib
@@ -89,7 +89,7 @@ def _classifier_step(steps: int, params, opt, x, y, key, num_shapes: int = len(d
 
 
 # concept_dataset indices for the extended classifier's new-concept images (apart from the shapes images it trains on)
-EXTRA_SHAPES_START = 1_000_000
+EXTRA_CONCEPTS_START = 1_000_000
 
 
 def class_counts(extra=()) -> tuple[int, int]:
@@ -112,7 +112,7 @@ def train_classifier(image_size=32, n_train=12000, steps=600, batch_size=128, se
     if extra:
         sets = [data_lib.concept_dataset(
             name, n_train // len(data_lib.SHAPES if name in data_lib.ALL_SHAPES else data_lib.COLORS), seed=1,
-            image_size=image_size, start=EXTRA_SHAPES_START) for name in extra]
+            image_size=image_size, start=EXTRA_CONCEPTS_START) for name in extra]
         images = np.concatenate([images] + [e.images for e in sets])
         labels = np.concatenate([labels] + [e.labels for e in sets])
         steps = steps * len(images) // len(ds)
@@ -184,7 +184,7 @@ def load_or_train_classifier(folder, image_size=32, extra=()):
         return serialization.from_bytes(template, path.read_bytes())
     params = train_classifier(image_size, extra=extra)
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialization.to_bytes(params))
+    atomic_write(path, lambda f: f.write(serialization.to_bytes(params)))  # never half a cached classifier
     return params
 
 

@@ -152,7 +152,8 @@ def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, emp
     updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["lora"])
     lora = optax.apply_updates(state["lora"], updates)
     step = state["step"] + 1
-    return ({"step": step, "lora": lora, "opt_state": opt_state, "ema": ema_update(state["ema"], lora, step, cfg.ema_decay)},
+    ema = ema_update(state["ema"], lora, step, cfg.ema_decay)
+    return ({"step": step, "lora": lora, "opt_state": opt_state, "ema": ema},
             {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
 
