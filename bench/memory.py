@@ -1,10 +1,13 @@
 """Peak host memory: load a pipeline folder, then make one image; sdjax vs diffusers PyTorch, same folder.
 
 Each peer runs in its own fresh process (peak RSS = the kernel's VmHWM of that process), one after the other:
-  sdjax          -- as the `sdjax` command runs it: `limit_host_heap()` (glibc mmap threshold), then
-                    FlaxStableDiffusionPipeline.from_pretrained + one call (compile included: it is part of
-                    making the first image)
-  sdjax-library  -- the same without limit_host_heap() (a program that imports sdjax and changes nothing)
+  sdjax          -- as the `sdjax` command runs it: `limit_host_heap()` (glibc mmap threshold); the program
+                    compiled from the configs first (from_pretrained(abstract=True), pipe.lower(...).compile(), then
+                    glibc's free pages returned),
+                    then FlaxStableDiffusionPipeline.from_pretrained + one call
+  sdjax-command  -- `sdjax generate --model FOLDER` itself (a child process; peak = its ru_maxrss)
+  sdjax-library  -- load, then call (compile included: it is part of making the first image), without
+                    limit_host_heap(): a program that imports sdjax and changes nothing
   torch          -- diffusers StableDiffusionPipeline.from_pretrained (fp32, no safety checker) + one call
 Phases: after imports, after loading (peak so far), after the image (peak so far). fp32, PNDM, guidance 7.5.
 
@@ -22,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PEERS = ("sdjax", "sdjax-library", "torch")
+PEERS = ("sdjax", "sdjax-command", "sdjax-library", "torch")
 
 
 def _status() -> dict:
@@ -36,19 +39,40 @@ def _status() -> dict:
 
 def child(peer: str, folder: str, size: int, steps: int) -> dict:
     phases = {"start": _status()}
+    if peer == "sdjax-command":
+        import resource
+        import tempfile
+
+        phases["import"] = phases["start"]
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "sdjax.cli", "generate", "--model", folder, "--prompt",
+                            common.PROMPTS[0], "--steps", str(steps), "--height", str(size), "--width", str(size),
+                            "--out", f"{tmp}/out"], check=True, capture_output=True)
+        peak = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+        phases["load"] = {"VmHWM": None}
+        phases["image"] = {"VmHWM": peak, "VmRSS": None}
+        return phases
     if peer.startswith("sdjax"):
         import jax
 
-        from sdjax.io import limit_host_heap
+        from sdjax.io import limit_host_heap, release_free_host_memory
         from sdjax.pipelines import FlaxStableDiffusionPipeline
 
+        ids, key = None, jax.random.PRNGKey(0)
+        kw = dict(num_inference_steps=steps, height=size, width=size, return_trajectory=False)
         if peer == "sdjax":
             limit_host_heap()
         phases["import"] = _status()
+        if peer == "sdjax":
+            pipe, shapes = FlaxStableDiffusionPipeline.from_pretrained(folder, abstract=True)
+            ids = pipe.prepare_inputs([common.PROMPTS[0]])
+            pipe.lower(ids, shapes, key, **kw).compile()
+            release_free_host_memory()
+            phases["compile"] = _status()
         pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder)
         phases["load"] = _status()
-        out = pipe(pipe.prepare_inputs([common.PROMPTS[0]]), params, jax.random.PRNGKey(0),
-                   num_inference_steps=steps, height=size, width=size, return_trajectory=False)
+        ids = pipe.prepare_inputs([common.PROMPTS[0]])
+        out = pipe(ids, params, key, **kw)
         jax.block_until_ready(out.images)
     else:
         import torch
@@ -107,7 +131,8 @@ def report(s) -> str:
     for peer, r in s["results"].items():
         peak = r["image"]["VmHWM"]
         ratio = f"{peak / torch_peak:.2f}" if torch_peak else "-"
-        lines.append(f"| {peer} | {r['import']['VmRSS']} | {r['load']['VmHWM']} | {peak} | {ratio} |")
+        load = r["load"]["VmHWM"]
+        lines.append(f"| {peer} | {r['import']['VmRSS']} | {'-' if load is None else load} | {peak} | {ratio} |")
     return "\n".join(lines)
 
 

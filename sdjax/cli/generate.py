@@ -164,11 +164,12 @@ def default_model() -> str:
     return str(toy_model_path())
 
 
-def load_pipeline(args, task: str = "text2img", pipeline_cls=None, **load):
+def load_pipeline(args, task: str = "text2img", pipeline_cls=None, abstract: bool = False, **load):
     """(pipeline, params, model name, steps, guidance) from the shared model options. The class is the one of the
     folder's family (model_index.json: Stable Diffusion 1.x/2.x or SDXL) for `task` ("text2img", "img2img",
     "inpaint", "merge"), or `pipeline_cls`; a task the family lacks is a ConfigError naming what it has.
-    `load`: more from_pretrained arguments (e.g. controlnet=)."""
+    `load`: more from_pretrained arguments (e.g. controlnet=). abstract: configs only, params as shapes (to
+    compile before loading: `pipe.lower`); no adapters then."""
     import jax.numpy as jnp
 
     from ..compilation import enable_compile_cache
@@ -179,15 +180,23 @@ def load_pipeline(args, task: str = "text2img", pipeline_cls=None, **load):
     model = args.model or default_model()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     pipeline_cls = pipeline_cls or pipeline_class(model, task=task)
-    print(f"loading {model} ...", file=sys.stderr)
-    pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler, **load)
+    print(f"{'reading the configs of' if abstract else 'loading'} {model} ...", file=sys.stderr)
+    pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler, abstract=abstract,
+                                                **load)
+    if abstract:
+        return pipe, params, model, *call_defaults(args, pipe)
     pipe, params = load_adapters(pipe, params, getattr(args, "lora", []), getattr(args, "embedding", []))
+    return pipe, params, model, *call_defaults(args, pipe)
+
+
+def call_defaults(args, pipe) -> tuple[int, float]:
+    """(steps, guidance): the options', or the defaults (the toy model's 25 / 5.0, else 50 / the family's)."""
     toy = args.model is None
     steps = args.steps if args.steps is not None else (25 if toy else 50)
     # diffusers' defaults: 7.5 for Stable Diffusion, 5.0 for SDXL
     default_guidance = 5.0 if toy else getattr(pipe, "default_guidance_scale", 7.5)
     guidance = args.guidance if args.guidance is not None else default_guidance
-    return pipe, params, model, steps, guidance
+    return steps, guidance
 
 
 def negative_ids(pipe, negative_prompt: str, n: int):
@@ -243,8 +252,7 @@ def adapter_settings(args) -> dict:
 def cmd_generate(args) -> None:
     import numpy as np
 
-    from ..io import check_output_dir, record_output, write_json, write_png
-    from ..seeds import initial_noise, loop_key, sample_seeds
+    from ..io import check_output_dir, record_output, release_free_host_memory, write_json, write_png
 
     control = check_control_args(args)
     guide = load_classifier(args)
@@ -255,47 +263,29 @@ def cmd_generate(args) -> None:
     if (control or guide is not None) and upscaler is not None:
         raise InputError("--controlnet or --labels with --upscaler/--cascade is not supported: run sdjax upscale "
                          "on the images")
+    load = {}
     if control:
         from ..pipelines import FlaxStableDiffusionControlNetPipeline
 
-        pipe, params, model, steps, guidance = load_pipeline(args, pipeline_cls=FlaxStableDiffusionControlNetPipeline,
-                                                             controlnet=list(args.controlnet))
-    else:
-        pipe, params, model, steps, guidance = load_pipeline(args)
+        load = dict(pipeline_cls=FlaxStableDiffusionControlNetPipeline, controlnet=list(args.controlnet))
     if upscaler is not None:
+        pipe, params, model, steps, guidance = load_pipeline(args, **load)
         return _generate_cascade(args, previous, pipe, params, model, steps, guidance, upscaler)
-    call_extra, settings_extra = {}, {}
-    if guide is not None:
-        from ..pipelines.classifier_guidance import DEFAULT_CLASSIFIER_SCALE
-        from ..pipelines.classifier_guidance import FlaxStableDiffusionClassifierGuidedPipeline as Guided
-
-        path, classifier, clf_params, label_ids = guide
-        pipe, params = Guided.from_pipe(pipe, classifier=classifier), {**params, "classifier": clf_params}
-        scale = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale
-        call_extra = {"labels": label_ids, "classifier_scale": scale}
-        settings_extra = {"classifier": path, "labels": classifier.label_dict(label_ids[0]), "classifier_scale": scale}
-    out = Path(args.out)
-    ids = pipe.prepare_inputs([args.prompt] * args.num_images)
-    neg = negative_ids(pipe, args.negative_prompt, args.num_images)
-    control_images = None
-    if control:  # the output has the control image's size (--height/--width resize it)
-        control_images = control_inputs(pipe, args)
-        height, width = control_images[0].shape[-2:]
-    else:
-        height = pipe.default_size if args.height is None else args.height
-        width = pipe.default_size if args.width is None else args.width
-    pipe.check_inputs(height, width, steps, args.num_images)
-    # image i starts from the noise of seed + i: the same image as `sdjax viz` / `sdjax trajectories` give
-    latents = initial_noise(sample_seeds(args.seed, range(args.num_images)), pipe.latent_shape(1, height, width)[1:])
+    # The program is compiled from the configs before the weights are read, so that XLA's compile working memory
+    # and the weights are never in host memory together (BENCHMARKS.md). LoRAs and embeddings change the params
+    # (and the tokenizer): with them, the weights come first.
+    compile_first = not (getattr(args, "lora", None) or getattr(args, "embedding", None))
+    pipe, params, model, steps, guidance = load_pipeline(args, abstract=compile_first, **load)
+    if compile_first:
+        print("compiling ...", file=sys.stderr)
+        _generate_call(args, pipe, params, steps, guidance, guide, control, lower=True)[0].compile()
+        release_free_host_memory()  # LLVM's working memory, before the weights arrive
+        pipe, params, model, steps, guidance = load_pipeline(args, **load)
     t0 = time.perf_counter()
-    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, latents=latents,
-              neg_prompt_ids=neg, return_trajectory=False)
-    if control:
-        result = pipe(ids, control_images, params, loop_key(args.seed), **kw, **control)
-    else:
-        result = pipe(ids, params, loop_key(args.seed), **kw, **call_extra)
+    result, settings_extra = _generate_call(args, pipe, params, steps, guidance, guide, control)
     images = np.asarray(result.images)
     seconds = time.perf_counter() - t0
+    out = Path(args.out)
     files = []
     for i, img in enumerate(images):
         path = out / f"image-{i:03d}.png"
@@ -310,6 +300,40 @@ def cmd_generate(args) -> None:
          else {}))
     record_output(out, "sdjax generate", files + ["settings.json"], previous)
     print(f"wrote {len(files)} image(s) and settings.json to {out}")
+
+
+def _generate_call(args, pipe, params, steps, guidance, guide, control, lower: bool = False):
+    """`sdjax generate`'s pipeline call: (the output, what settings.json adds), or with lower=True (the call's
+    program lowered, `pipe.lower`; params may be abstract, None)."""
+    from ..seeds import initial_noise, loop_key, sample_seeds
+
+    call_extra, settings_extra = {}, {}
+    if guide is not None:
+        from ..pipelines.classifier_guidance import DEFAULT_CLASSIFIER_SCALE
+        from ..pipelines.classifier_guidance import FlaxStableDiffusionClassifierGuidedPipeline as Guided
+
+        path, classifier, clf_params, label_ids = guide
+        pipe, params = Guided.from_pipe(pipe, classifier=classifier), {**params, "classifier": clf_params}
+        scale = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale
+        call_extra = {"labels": label_ids, "classifier_scale": scale}
+        settings_extra = {"classifier": path, "labels": classifier.label_dict(label_ids[0]), "classifier_scale": scale}
+    ids = pipe.prepare_inputs([args.prompt] * args.num_images)
+    neg = negative_ids(pipe, args.negative_prompt, args.num_images)
+    if control:  # the output has the control image's size (--height/--width resize it)
+        control_images = control_inputs(pipe, args)
+        height, width = control_images[0].shape[-2:]
+        call_extra = {**control}
+        ids = (ids, control_images)
+    else:
+        height = pipe.default_size if args.height is None else args.height
+        width = pipe.default_size if args.width is None else args.width
+        ids = (ids,)
+    pipe.check_inputs(height, width, steps, args.num_images)
+    # image i starts from the noise of seed + i: the same image as `sdjax viz` / `sdjax trajectories` give
+    latents = initial_noise(sample_seeds(args.seed, range(args.num_images)), pipe.latent_shape(1, height, width)[1:])
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, latents=latents,
+              neg_prompt_ids=neg, return_trajectory=False, **call_extra)
+    return (pipe.lower if lower else pipe)(*ids, params, loop_key(args.seed), **kw), settings_extra
 
 
 def check_control_args(args) -> dict:

@@ -169,12 +169,14 @@ class FlaxModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, dtype=jnp.float32,
                         param_dtype=None, allow_pickle: bool = False, variant: str | None = None,
-                        revision: str | None = None, check_finite: bool = True, **runtime):
+                        revision: str | None = None, check_finite: bool = True, abstract: bool = False, **runtime):
         """Load (module, params) from a diffusers/transformers folder or hub repo id.
 
         dtype: compute dtype. param_dtype: dtype of the returned params (default: dtype).
         allow_pickle: also read pickled `.bin` weights (with torch.load(weights_only=True)); off by default.
         check_finite: refuse weights holding NaN or inf, naming the tensor (False skips that pass, for speed).
+        abstract: read the config only and return params as `jax.ShapeDtypeStruct`s (the weights file is found,
+            not read): for compiling a program before the weights are in memory (`pipe.lower`).
         runtime: kernel choices (`attention_kernel=`, `conv_kernel=`), see sdjax.models.attention / resnet.
         """
         folder = resolve_folder(pretrained_model_name_or_path, subfolder)
@@ -184,6 +186,10 @@ class FlaxModelMixin:
         config = read_json(config_path, error=WeightsError)
         model = cls.from_config(config, dtype=dtype, source=str(config_path), **runtime)
         param_dtype = dtype if param_dtype is None else param_dtype
+        if abstract:
+            find_weights(folder, allow_pickle=allow_pickle, variant=variant)  # a folder without weights fails now
+            return model, jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype),
+                                                 model.param_shapes())
         params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant, check_finite=check_finite,
                                    materialize=lambda x: jnp.asarray(x, dtype=param_dtype))
         return model, params

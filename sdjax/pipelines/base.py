@@ -8,6 +8,7 @@ two pipelines built from the same configs share compiled programs.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -27,6 +28,14 @@ from .adapters import AdaptersMixin
 from .output import FlaxStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
+
+_LOWERING = contextvars.ContextVar("sdjax_lowering", default=False)  # inside pipe.lower(...)
+
+
+class _Lowered(Exception):  # noqa: N818 -- carries pipe.lower's result out of the call; never seen by users
+    def __init__(self, lowered):
+        super().__init__("lowered")
+        self.lowered = lowered
 
 # Components of a diffusers folder that sdjax does not run (and does not download).
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
@@ -62,6 +71,8 @@ class DiffusionPipeline(AdaptersMixin):
         jit=True: pmapped (inputs, params, key with a leading device axis); mesh: inputs split over the mesh."""
         if engine.show_progress.enabled and not settings.progress:  # the same call, with a step callback
             settings = dataclasses.replace(settings, progress=True)
+            if _LOWERING.get():  # the program with the callback, no bar
+                return self._run(settings, inputs, params, key, jit=jit, mesh=mesh)
             bar = engine.show_progress.bar(self.scheduler.num_model_calls(
                 self.scheduler.set_timesteps(settings.num_inference_steps, (1,))))
             engine._BARS.append(bar)
@@ -71,11 +82,37 @@ class DiffusionPipeline(AdaptersMixin):
                 engine._BARS.remove(bar)
                 bar.close()
         params = self.adapter_call_params(params, jit)  # LoRA scales as traced arrays (adapters.py)
-        if jit:
-            return engine.run_pmap(self, settings, inputs, params, key)
+        program = engine.run_pmap if jit else engine.run_jit
         if mesh is not None:
             inputs, params, key = engine.place_on_mesh(mesh, inputs, params, key)
-        return engine.run_jit(self, settings, inputs, params, key)
+        if _LOWERING.get():  # pipe.lower(...): the program, lowered, instead of its result
+            raise _Lowered(program.lower(self, settings, inputs, params, key))
+        return program(self, settings, inputs, params, key)
+
+    def lower(self, *args, **kwargs) -> jax.stages.Lowered:
+        """The program `self(*args, **kwargs)` would run, traced and lowered, not run (`jax.stages.Lowered`:
+        `.compile()` it, read its `.as_text()`, its `.cost_analysis()`). The arguments are the call's, checked
+        the same way; `params` may be abstract (`jax.ShapeDtypeStruct` leaves), as from_pretrained(...,
+        abstract=True) gives them, so a program can be compiled before the weights are read:
+
+            pipe, shapes = FlaxStableDiffusionPipeline.from_pretrained(folder, abstract=True)  # configs only
+            pipe.lower(ids, shapes, key, num_inference_steps=50).compile()
+            pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder)
+            images = pipe(ids, params, key, num_inference_steps=50).images  # the program compiled above
+
+        Compiled programs go to JAX's cache, so the later call with arrays of the same shapes, dtypes and
+        placement compiles nothing. On a CPU host this keeps XLA's compile working memory (~0.4 GB at SD 1.5's
+        size) from adding to the weights' (the `sdjax` command does it; BENCHMARKS.md). A call that runs
+        several programs (a cascade) gives its first. With jit=True (pmap) the later call places its arrays
+        differently from the shapes and compiles again; lower with jit=False or a mesh to compile ahead."""
+        token = _LOWERING.set(True)
+        try:
+            self(*args, **kwargs)
+        except _Lowered as done:
+            return done.lowered
+        finally:
+            _LOWERING.reset(token)
+        raise SdjaxError(f"{type(self).__name__}'s call ran no compiled program to lower")
 
     # ------------------------------------------------------------------ checking a call's arguments (host side)
     # Every check runs before anything is traced or compiled, and names the argument and what was expected.

@@ -67,18 +67,19 @@ class FlaxStableDiffusionClassifierGuidedPipeline(FlaxStableDiffusionPipeline):
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, classifier=None, dtype=jnp.float32, scheduler=None,
-                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None, **runtime):
+                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
+                        abstract: bool = False, **runtime):
         """(pipeline, params) of a Stable Diffusion folder and a classifier folder (NoiseClassifier's config.json +
         safetensors; default: the pipeline folder's classifier/ subfolder). The classifier runs in float32."""
         pipe, params = FlaxStableDiffusionPipeline.from_pretrained(
             pretrained_model_name_or_path, dtype=dtype, scheduler=scheduler, param_dtype=param_dtype,
-            allow_pickle=allow_pickle, revision=revision, **runtime)
+            allow_pickle=allow_pickle, revision=revision, abstract=abstract, **runtime)
         if classifier is None:
             classifier = Path(pretrained_model_name_or_path) / "classifier"
             if not (classifier / "config.json").is_file():
                 raise InputError(f"classifier= is required: {pretrained_model_name_or_path} has no classifier/ "
                                  "subfolder (give a NoiseClassifier folder, e.g. sdjax/assets/toy-shapes-classifier)")
-        model, clf_params = NoiseClassifier.from_pretrained(classifier, allow_pickle=allow_pickle,
+        model, clf_params = NoiseClassifier.from_pretrained(classifier, allow_pickle=allow_pickle, abstract=abstract,
                                                             **runtime_for(NoiseClassifier, runtime))
         return cls.from_pipe(pipe, classifier=model), {**params, "classifier": clf_params}
 

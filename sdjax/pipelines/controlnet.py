@@ -131,14 +131,14 @@ def _as_controlnets(controlnet) -> tuple:
 
 
 def load_controlnets(paths, dtype=jnp.float32, param_dtype=None, allow_pickle: bool = False,
-                     revision: str | None = None, **runtime) -> tuple[tuple, tuple]:
+                     revision: str | None = None, abstract: bool = False, **runtime) -> tuple[tuple, tuple]:
     """(modules, params): one ControlNet per path (a diffusers ControlNet folder or hub repo id)."""
     items = list(paths) if isinstance(paths, (list, tuple)) else [paths]
     modules, params = [], []
     for p in items:
         cn, cn_params = ControlNetModel.from_pretrained(p, dtype=dtype, param_dtype=param_dtype,
                                                         allow_pickle=allow_pickle, revision=revision,
-                                                        **runtime_for(ControlNetModel, runtime))
+                                                        abstract=abstract, **runtime_for(ControlNetModel, runtime))
         modules.append(cn)
         params.append(cn_params)
     return tuple(modules), tuple(params)
@@ -171,12 +171,13 @@ class ControlNetMixin:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, controlnet=None, dtype=jnp.float32, scheduler=None,
-                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None, **runtime):
+                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
+                        abstract: bool = False, **runtime):
         """The base Stable Diffusion folder (or repo id), plus `controlnet`: a ControlNet folder / repo id, or a list
         of them (loaded; params["controlnet"] is a tuple, one params tree each), or ControlNetModel module(s)
         (put their params in params["controlnet"] yourself, as with diffusers' Flax pipeline). Without
         `controlnet`, the folder's own controlnet/ (a StableDiffusionControlNetPipeline folder) is loaded."""
-        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, revision=revision)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, revision=revision, abstract=abstract)
         pipe, params = super().from_pretrained(pretrained_model_name_or_path, scheduler=scheduler, **kw, **runtime)
         if controlnet is None:
             root, _ = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),

@@ -169,4 +169,11 @@ def place_on_mesh(mesh: Mesh, inputs, params, key):
     mesh's axes, params and key replicated. `run_jit` then compiles for that placement."""
     batch = NamedSharding(mesh, P(mesh.axis_names))
     replicated = NamedSharding(mesh, P())
-    return (jax.device_put(inputs, batch), jax.device_put(params, replicated), jax.device_put(key, replicated))
+    return _put(inputs, batch), _put(params, replicated), _put(key, replicated)
+
+
+def _put(tree, sharding):
+    """device_put; abstract leaves (jax.ShapeDtypeStruct, for `pipe.lower`) get the sharding instead."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) if isinstance(x, jax.ShapeDtypeStruct)
+        else jax.device_put(x, sharding), tree)

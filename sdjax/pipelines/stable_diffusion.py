@@ -56,17 +56,20 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=jnp.float32, scheduler=None,
-                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None, **runtime):
+                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
+                        abstract: bool = False, **runtime):
         """Load a diffusers-format Stable Diffusion folder (or hub repo id): returns (pipeline, params).
 
         scheduler: None (the folder's own), a name (ddim, pndm, euler, ...), a config dict, or a scheduler.
+        abstract: read configs only; params are `jax.ShapeDtypeStruct`s (nothing loaded): to compile with
+            `pipe.lower(...).compile()` before the weights are in memory.
         runtime: kernel choices for every model (`attention_kernel=`, `conv_kernel=`; default "auto").
         """
         root, index = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),
                                            revision=revision)
         check_pipeline_class(index, root / "model_index.json", cls)
         check_components(index, root / "model_index.json", cls.components, cls.__name__)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, abstract=abstract)
         text_encoder, te_params = CLIPTextModel.from_pretrained(
             root, subfolder="text_encoder", **kw, **runtime_for(CLIPTextModel, runtime))
         vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw, **runtime_for(AutoencoderKL, runtime))

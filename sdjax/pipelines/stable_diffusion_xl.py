@@ -199,12 +199,14 @@ class StableDiffusionXLMixin:
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=jnp.float32, scheduler=None, param_dtype=None,
-                        allow_pickle: bool = False, revision: str | None = None, **runtime):
+                        allow_pickle: bool = False, revision: str | None = None, abstract: bool = False,
+                        **runtime):
         """Load a diffusers SDXL folder (base or refiner) or hub repo id: returns (pipeline, params).
 
         params: {"text_encoder" (not the refiner), "text_encoder_2", "vae", "unet"}. Every weight is read one
         tensor at a time and put in `param_dtype` (default: dtype) as it is read; the VAE stays float32 when it
-        says force_upcast and dtype is not float32. Other arguments as FlaxStableDiffusionPipeline.from_pretrained."""
+        says force_upcast and dtype is not float32. Other arguments (abstract=) as
+        FlaxStableDiffusionPipeline.from_pretrained."""
         root, index = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),
                                            revision=revision)
         index_path = root / "model_index.json"
@@ -229,7 +231,7 @@ class StableDiffusionXLMixin:
             if not isinstance(flags[key], bool):
                 raise ConfigError(f"{index_path}: {key} must be true or false, got {flags[key]!r}")
 
-        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, abstract=abstract)
         text_encoder = te_params = None
         if _listed(index, "text_encoder"):
             text_encoder, te_params = CLIPTextModel.from_pretrained(

@@ -79,7 +79,8 @@ class FlaxStableDiffusionUpscalePipeline(FlaxStableDiffusionPipeline):
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=jnp.float32, scheduler=None,
-                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None, **runtime):
+                        param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
+                        abstract: bool = False, **runtime):
         """Load a diffusers `StableDiffusionUpscalePipeline` folder (or hub repo id): returns (pipeline, params).
 
         scheduler: None (the folder's own), a name (ddim, euler, ...), a config dict, or a scheduler; the
@@ -101,7 +102,7 @@ class FlaxStableDiffusionUpscalePipeline(FlaxStableDiffusionPipeline):
                               "scheduler that noises the low-resolution image; model_index.json names it)")
         low_res_scheduler = get_scheduler(load_scheduler_config(root, subfolder="low_res_scheduler"))
         max_noise_level = index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, abstract=abstract)
         text_encoder, te_params = CLIPTextModel.from_pretrained(
             root, subfolder="text_encoder", **kw, **runtime_for(CLIPTextModel, runtime))
         vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw, **runtime_for(AutoencoderKL, runtime))
