@@ -21,6 +21,10 @@ def get_config():
         alpha=8.0,
         caption_dropout=0.1,       # captions replaced by "" (classifier-free guidance keeps working)
         ema_decay=0.99,            # the exported adapter is the EMA of the factors (as the LDM and ControlNet stages)
+        # pivotal tuning: the concept word becomes a new token (textual inversion) whose embedding, initialised as the
+        # mean of these words' (each one token), is trained with the LoRA; exported as learned_embeds.safetensors.
+        # [] keeps the base tokenizer's pieces of the word.
+        token_init=["red", "yellow"],
         # optimisation
         seed=0,
         batch_size=64,

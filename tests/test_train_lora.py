@@ -65,8 +65,8 @@ def test_lora_trains_and_loads_in_sdjax(trained):
     assert summary["steps"] == 6 and summary["step_compiles_this_run"] == 1
     assert (workdir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     pipe, params = FlaxStableDiffusionPipeline.from_pretrained(toy_model_path())
-    loaded = pipe.load_lora_weights(workdir / "lora", params, adapter_name="star")
-    adapter = loaded["lora"]["star"]
+    loaded = pipe.load_lora_weights(workdir / "lora", params, adapter_name="orange")
+    adapter = loaded["lora"]["orange"]
     assert adapter.components == ("unet",) and {layer.rank for layer in adapter.layers["unet"].values()} == {8}
     assert max(float(np.abs(layer.up).max()) for layer in adapter.layers["unet"].values()) > 0  # it trained
 
@@ -85,19 +85,19 @@ def test_trained_lora_loads_in_diffusers(trained):
 
     workdir, _ = trained
     ref = StableDiffusionPipeline.from_pretrained(toy_model_path(), safety_checker=None, requires_safety_checker=False)
-    ref.load_lora_weights(str(workdir / "lora"), adapter_name="star")
+    ref.load_lora_weights(str(workdir / "lora"), adapter_name="orange")
     pipe, params = FlaxStableDiffusionPipeline.from_pretrained(toy_model_path())
-    with_lora = pipe.load_lora_weights(workdir / "lora", params, adapter_name="star")
+    with_lora = pipe.load_lora_weights(workdir / "lora", params, adapter_name="orange")
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     context = rng.standard_normal((2, 16, 64)).astype(np.float32)
     t = np.array([10, 700])
     errs = []
     for scale in (0.0, 1.0):
-        ref.set_adapters(["star"], [scale])
+        ref.set_adapters(["orange"], [scale])
         with torch.no_grad():
             want = ref.unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(context)).sample.numpy()
-        merged = merge_lora(params, with_lora["lora"], {"star": scale})
+        merged = merge_lora(params, with_lora["lora"], {"orange": scale})
         got = pipe.unet.apply({"params": merged["unet"]}, sample, t, context)
         errs.append(rel_err(got.sample if hasattr(got, "sample") else got, want))
     print(f"\n[trained LoRA in diffusers vs sdjax, UNet] rel err at scales 0, 1: {errs[0]:.1e}, {errs[1]:.1e}")
@@ -118,3 +118,76 @@ def test_lora_resume_gives_the_same_adapter(trained, tmp_path):
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    a, b = (load_file(w / "lora" / "learned_embeds.safetensors") for w in (workdir, tmp_path))  # the new token's row
+    np.testing.assert_allclose(a["orange"], b["orange"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_without_a_new_token(tmp_path):
+    """token_init=[]: the LoRA alone, the concept word as the base tokenizer's pieces; no embedding file."""
+    from sdjax.train import lora
+
+    summary = lora.train_and_evaluate(config("token_init=[]"), tmp_path, progress=False, evaluate=False)
+    assert summary["steps"] == 6 and "embedding" not in summary
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
+
+
+def test_token_init_words_must_be_single_tokens():
+    from sdjax.train import lora
+
+    with pytest.raises(ConfigError, match="token_init"):
+        config("token_init=['']")
+    cfg = config("token_init=['red', 'purplish']")
+    _, pipe, params = lora.load_base(cfg)
+    with pytest.raises(ConfigError, match=r"'purplish' is \d+ tokens"):
+        lora.add_concept_token(cfg, pipe, params)
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_pivotal_token_trains_and_loads_in_sdjax_and_diffusers(trained):
+    """token_init (the shipped config's): "orange" becomes one new token trained with the LoRA;
+    learned_embeds.safetensors beside the LoRA loads in diffusers (load_textual_inversion + load_lora_weights) and in
+    sdjax, with the same text embeddings and UNet output."""
+    pytest.importorskip("peft", reason="diffusers loads LoRAs through PEFT: pip install peft")
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.numpy import load_file
+
+    from sdjax.assets import toy_model_path
+    from sdjax.lora import merge_lora
+    from sdjax.pipelines import FlaxStableDiffusionPipeline
+    tmp_path, summary = trained
+    assert config().token_init == ["red", "yellow"]
+    emb = load_file(tmp_path / "lora" / "learned_embeds.safetensors")
+    assert list(emb) == ["orange"] and emb["orange"].shape == (1, 64)
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(toy_model_path())
+    table = np.asarray(params["text_encoder"]["embeddings"]["token_embedding"]["embedding"])
+    red, yellow = (pipe.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("red", "yellow"))
+    assert not np.allclose(emb["orange"][0], (table[red] + table[yellow]) / 2), "the embedding trained"
+    assert summary["embedding"].endswith("learned_embeds.safetensors")
+
+    tpipe, tparams = pipe.load_textual_inversion(tmp_path / "lora", params, token="orange")
+    tparams = tpipe.load_lora_weights(tmp_path / "lora", tparams, adapter_name="orange")
+    ids = tpipe.prepare_inputs(["an orange circle on a white background"])
+    assert len(tpipe.tokenizer("an orange circle").input_ids) == 5  # <bos> an orange circle <eos>
+
+    ref = StableDiffusionPipeline.from_pretrained(toy_model_path(), safety_checker=None, requires_safety_checker=False)
+    ref.load_textual_inversion(str(tmp_path / "lora"), token="orange")
+    ref.load_lora_weights(str(tmp_path / "lora"), adapter_name="orange")
+    ref_ids = ref.tokenizer(["an orange circle on a white background"], padding="max_length",
+                            max_length=ref.tokenizer.model_max_length, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(ref_ids.numpy(), ids)
+    with torch.no_grad():
+        want_ctx = ref.text_encoder(ref_ids).last_hidden_state.numpy()
+    merged = merge_lora(tparams, tparams["lora"])
+    got_ctx = tpipe.text_encoder.apply({"params": merged["text_encoder"]}, ids).last_hidden_state
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    t = np.array([500])
+    with torch.no_grad():
+        want = ref.unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(want_ctx)).sample.numpy()
+    got = tpipe.unet.apply({"params": merged["unet"]}, sample, t, got_ctx)
+    errs = rel_err(got_ctx, want_ctx), rel_err(got, want)
+    print(f"\n[trained token + LoRA in diffusers vs sdjax] rel err text {errs[0]:.1e}, UNet {errs[1]:.1e}")
+    assert max(errs) <= 1e-5

@@ -6,11 +6,13 @@ The base model's weights stay frozen; only the LoRA factors (PEFT's A and B: `do
 merged into the weights inside the compiled step exactly as the pipeline merges them at sampling time
 (`sdjax.lora.merge_lora`: W + alpha/rank * up @ down). Batches mix concept images ("an orange circle on a white
 background", train.data.concept_dataset) with the base model's own training images, so the old prompts keep their
-adherence. Captions are dropped with probability caption_dropout, so classifier-free guidance still works. B starts
+adherence. With `token_init` (pivotal tuning) the concept word is first added to the tokenizer as one new token, as
+textual inversion does, its embedding row initialised from those words' and trained with the factors. Captions are dropped with probability caption_dropout, so classifier-free guidance still works. B starts
 at zero (the adapter starts as a no-op) and A at PEFT's kaiming-uniform scale.
 
 At the end the adapter is written in diffusers/PEFT format (<workdir>/lora/pytorch_lora_weights.safetensors, with
-its LoraConfig as metadata): diffusers' `load_lora_weights` and sdjax's `pipe.load_lora_weights` / `--lora` load it.
+its LoraConfig as metadata): diffusers' `load_lora_weights` and sdjax's `pipe.load_lora_weights` / `--lora` load it;
+the new token's row beside it as learned_embeds.safetensors (`load_textual_inversion` / `--embedding`).
 Evaluation (train/evaluate.py's classifier, extended with the concept's class): the share of concept-prompt images
 classified as the concept, and the old prompts' adherence with and without the adapter; sample grids as PNG.
 """
@@ -65,6 +67,7 @@ class Config(LoopConfig):
     alpha: float
     caption_dropout: float
     ema_decay: float
+    token_init: list
     eval_per_caption: int
     eval_guidance: float
     eval_steps: int
@@ -81,6 +84,8 @@ class Config(LoopConfig):
             raise ConfigError("config key 'prior_fraction' > 0 needs num_prior_images >= 1")
         if not self.unet_targets and not self.text_encoder_targets:
             raise ConfigError("config keys 'unet_targets' and 'text_encoder_targets' are both empty: nothing to train")
+        if not all(isinstance(w, str) and w for w in self.token_init):
+            raise ConfigError(f"config key 'token_init' must be a list of words, got {self.token_init!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
@@ -122,19 +127,49 @@ def to_adapter(cfg: Config, lora: dict) -> LoraAdapter:
                                for c, layers in lora.items()})
 
 
+# ---------------------------------------------------------------------------------------------- the new token
+def add_concept_token(cfg: Config, pipe, params):
+    """Pivotal tuning: the concept word becomes one new token (textual inversion's `load_textual_inversion`, so
+    the tokenizer and text encoder are what a user gets from the exported learned_embeds.safetensors), its
+    embedding the mean of the `token_init` words' (each one token of the base tokenizer). (pipe, params, id)."""
+    table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+    rows = []
+    for word in cfg.token_init:
+        ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ConfigError(f"config key 'token_init': {word!r} is {len(ids)} tokens of the base model's tokenizer "
+                              f"({pipe.tokenizer.convert_ids_to_tokens(ids)}); each word must be one token")
+        rows.append(np.asarray(table[ids[0]]))
+    vector = np.mean(rows, axis=0, keepdims=True).astype(np.float32)
+    pipe, params = pipe.load_textual_inversion({cfg.concept: vector}, params, token=cfg.concept)
+    (token_id,) = pipe.tokenizer(cfg.concept, add_special_tokens=False).input_ids
+    return pipe, params, token_id
+
+
+def with_token(text_encoder_params, token_id, vector):
+    """The text encoder's params with row `token_id` of the embedding table set to `vector`."""
+    emb = text_encoder_params["embeddings"]["token_embedding"]["embedding"]
+    return {**text_encoder_params, "embeddings": {**text_encoder_params["embeddings"], "token_embedding": {
+        "embedding": emb.at[token_id].set(vector.astype(emb.dtype))}}}
+
+
 def make_optimizer(cfg: Config):
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
                                                   max(cfg.num_steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.1)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
 
 
-def create_train_state(cfg: Config, params) -> dict:
-    lora = init_lora(cfg, params, jax.random.PRNGKey(cfg.seed))
+def create_train_state(cfg: Config, params, token_id: int | None = None) -> dict:
+    """Adam and EMA over the trainable tree: {"lora": factors} (+ "token": the new word's embedding row)."""
+    lora = {"lora": init_lora(cfg, params, jax.random.PRNGKey(cfg.seed))}
+    if token_id is not None:
+        lora["token"] = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"][token_id]
     return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": make_optimizer(cfg).init(lora),
             "ema": jax.tree_util.tree_map(jnp.copy, lora)}  # own buffers: the state is donated
 
 
-def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, state, batch, key):
+def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, token_id, state, batch,
+               key):
     """One step: z from the cached posterior, captions dropped, noise, predict with the LoRA merged, MSE; Adam; EMA.
     batch["base"] holds the frozen base params (replicated; an argument of the program, not a constant in it)."""
     base = batch["base"]
@@ -142,8 +177,10 @@ def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, emp
                                           noise_sched.config.prediction_type, cfg.caption_dropout)
     ids = jnp.where(drop[:, None], empty_ids[None, :], batch["input_ids"])
 
-    def loss_fn(lora):
-        params = merge_lora(base, {"lora": to_adapter(cfg, lora)})
+    def loss_fn(trainable):
+        params = merge_lora(base, {"lora": to_adapter(cfg, trainable["lora"])})
+        if "token" in trainable:
+            params = {**params, "text_encoder": with_token(params["text_encoder"], token_id, trainable["token"])}
         context = text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
         pred = unet.apply({"params": params["unet"]}, noisy, t, context)
         return jnp.mean((pred - target) ** 2)
@@ -194,6 +231,9 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     parallel.check_batch_size(cfg.batch_size, mesh)
 
     model, pipe, params = load_base(cfg)
+    base_pipe, base_params, token_id = pipe, params, None
+    if cfg.token_init:  # the concept word as a new token, trained with the LoRA (pivotal tuning)
+        pipe, params, token_id = add_concept_token(cfg, pipe, params)
     base = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
     size = pipe.default_size
     concept, prior = training_data(cfg, size)
@@ -207,7 +247,7 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     noise_sched = DDPMScheduler.from_config(_training_schedule(pipe))
     n_prior = 0 if prior is None else len(prior)
 
-    state, start = restore_or_init(ckpt, lambda: create_train_state(cfg, base), mesh)
+    state, start = restore_or_init(ckpt, lambda: create_train_state(cfg, base, token_id), mesh)
     log = MetricsLog(workdir / "metrics.jsonl", start)
 
     def make_batch(step):
@@ -217,7 +257,7 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
 
     base_on_mesh = parallel.replicate(base, mesh)
     step = Step(train_step, mesh, cfg, pipe.text_encoder, pipe.unet, noise_sched, float(pipe.vae.scaling_factor),
-                empty_ids)
+                empty_ids, token_id)
     state, summary = run_steps(cfg, state, start, step, make_batch, ckpt, log, desc="lora", until_step=until_step,
                                final_save=final_save, progress=progress)
     if summary["steps"] < cfg.num_steps:
@@ -226,15 +266,38 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     tail = [r["loss"] for r in rows[-5:]]
     summary["final_loss_mean_last_5_logs"] = float(np.mean(tail)) if tail else None
     plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss", "grad_norm"), title="LoRA")
-    adapter = to_adapter(cfg, jax.device_get(state["ema"]))  # the EMA of the factors, as the other stages export
+    ema = jax.device_get(state["ema"])  # the EMA of the trained values, as the other stages export
+    adapter = to_adapter(cfg, ema["lora"])
     summary["lora"] = str(save_lora(workdir / "lora", adapter))
     summary["adapter"] = adapter.summary()
     summary["base_model"] = model
+    if token_id is not None:  # diffusers' textual-inversion format beside the LoRA: {token: [1, D]}
+        summary["embedding"] = str(save_embedding(workdir / "lora", cfg.concept, ema["token"]))
+        params = {**params, "text_encoder": with_token(params["text_encoder"], token_id, jnp.asarray(ema["token"]))}
     if evaluate:
-        summary["evaluation"] = evaluate_lora(pipe, params, adapter, cfg, classifier_dir, workdir)
+        summary["evaluation"] = evaluate_lora(pipe, params, adapter, cfg, classifier_dir, workdir,
+                                              base=(base_pipe, base_params))
     write_json(workdir / "summary.json", summary)
     logger.info("lora: %s", summary)
     return summary
+
+
+def save_embedding(folder, token: str, vector) -> Path:
+    """learned_embeds.safetensors ({token: [1, D]}), what diffusers' `load_textual_inversion(folder, token=...)`
+    and sdjax's read."""
+    from sdjax.io import write_safetensors
+    from sdjax.textual_inversion import TEXT_INVERSION_NAME_SAFE
+
+    path = Path(folder) / TEXT_INVERSION_NAME_SAFE
+    write_safetensors(path, {token: np.asarray(vector, np.float32)[None]})
+    return path
+
+
+def _by_background(predicted, labels, concept_index: int) -> dict:
+    """{background name: share of `predicted` equal to the concept} over the rows of each background."""
+    predicted, backgrounds = np.asarray(predicted), np.asarray(labels)[:, 2]
+    return {name: float(np.mean(predicted[backgrounds == b] == concept_index))
+            for b, name in enumerate(data_lib.BACKGROUND_NAMES) if np.any(backgrounds == b)}
 
 
 def _training_schedule(pipe) -> dict:
@@ -245,11 +308,12 @@ def _training_schedule(pipe) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_lora(pipe, params, adapter: LoraAdapter, cfg: Config, classifier_dir, out_dir) -> dict:
+def evaluate_lora(pipe, params, adapter: LoraAdapter, cfg: Config, classifier_dir, out_dir, base=None) -> dict:
     """Concept prompts with the adapter ("an orange {shape} on a {background} background" for every old shape and
     background, or "a {color} star ..." for every old colour): the share classified as the concept
     (`concept_produced`) and the other heads' adherence; old prompts with and without it: colour/shape/background
-    adherence (the shipped evaluation's classifier)."""
+    adherence (the shipped evaluation's classifier). base: (pipe, params) without the new token, for the old
+    prompts without the adapter (default: pipe, params)."""
     size = pipe.default_size
     clf_new = eval_lib.load_or_train_classifier(classifier_dir, size, extra=(cfg.concept,))
     clf_old = eval_lib.load_or_train_classifier(classifier_dir, size)
@@ -269,13 +333,21 @@ def evaluate_lora(pipe, params, adapter: LoraAdapter, cfg: Config, classifier_di
     _, preds = eval_lib.predict(clf_new, gen)
     adherence = eval_lib.accuracies(preds, np.array(combos))
     result = {"concept": cfg.concept, "concept_images": len(gen), "concept_produced": adherence[head],
-              "concept_adherence": adherence}
+              "concept_adherence": adherence,
+              "concept_produced_by_background": _by_background(preds[head], np.array(combos), i)}
+    # How the frozen autoencoder carries the concept: real concept images, encoded and decoded, read the same way
+    # (averaged over backgrounds, as the prompts are). Not a hard ceiling: sampled latents need not be encodings.
+    real = data_lib.concept_dataset(cfg.concept, 360, seed=cfg.data_seed + 1, image_size=size)
+    _, rec = eval_lib.predict(clf_new, eval_lib.vae_reconstructions(pipe, params["vae"], real.images))
+    result["vae_reconstructions_by_background"] = _by_background(rec[head], real.labels, i)
+    result["vae_reconstructions"] = float(np.mean(list(result["vae_reconstructions_by_background"].values())))
     eval_lib.save_grid(gen[:18 * 2], Path(out_dir) / f"samples_{cfg.concept}.png", cols=18)
 
     old = [combo for combo, _ in data_lib.all_shape_captions()] * cfg.eval_per_caption
     old_captions = [data_lib.caption_for(*c) for c in old]
-    for name, p in (("old_prompts_with_lora", with_lora), ("old_prompts_base", params)):
-        images = eval_lib.generate(pipe, p, old_captions, **kw)
+    base_pipe, base_params = base or (pipe, params)
+    for name, pp, p in (("old_prompts_with_lora", pipe, with_lora), ("old_prompts_base", base_pipe, base_params)):
+        images = eval_lib.generate(pp, p, old_captions, **kw)
         result[name] = eval_lib.accuracies(eval_lib.predict(clf_old, images)[1], np.array(old))
         eval_lib.save_grid(images[:54], Path(out_dir) / f"samples_{name}.png", cols=18)
     result["old_prompts_change_points"] = {k: 100 * (result["old_prompts_with_lora"][k] - result["old_prompts_base"][k])
