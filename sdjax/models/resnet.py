@@ -6,7 +6,6 @@ Submodule names are diffusers' PyTorch names, so weight conversion is a table of
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
