@@ -75,11 +75,12 @@ class DiffusionPipeline(AdaptersMixin):
                 return self._run(settings, inputs, params, key, jit=jit, mesh=mesh)
             bar = engine.show_progress.bar(self.scheduler.num_model_calls(
                 self.scheduler.set_timesteps(settings.num_inference_steps, (1,))))
-            engine._BARS.append(bar)
+            counter = engine.StepCounter(bar, callers=jax.local_device_count() if jit else 1)
+            engine._BARS.append(counter)
             try:
                 return jax.block_until_ready(self._run(settings, inputs, params, key, jit=jit, mesh=mesh))
             finally:
-                engine._BARS.remove(bar)
+                engine._BARS.remove(counter)
                 bar.close()
         params = self.adapter_call_params(params, jit)  # LoRA scales as traced arrays (adapters.py)
         program = engine.run_pmap if jit else engine.run_jit
