@@ -61,7 +61,7 @@ def load_textual_inversion(path_or_file, tokenizer, text_encoder_params: Mapping
     does not match the text encoder's (both named), or the file is not a textual-inversion file.
     """
     state, source, stem = _read(path_or_file, weight_name, allow_pickle)
-    table_path, table = _embedding_table(text_encoder_params)
+    table_path, table = embedding_table(text_encoder_params)
     width = int(table.shape[-1])
     token, embedding = _token_and_embedding(state, source, stem, token, embedding_key, width)
     if embedding.ndim == 1:
@@ -200,8 +200,8 @@ def _need_token(token, stem, source) -> str:
     raise AdapterError(f"textual inversion {source} does not name its token: pass token=")
 
 
-def _embedding_table(params):
-    """(path, [vocab, D] table) of a CLIPTextModel or CLIPTextModelWithProjection params tree."""
+def embedding_table(params):
+    """(path, [vocab, D] token-embedding table) of a CLIPTextModel or CLIPTextModelWithProjection params tree."""
     for path in (EMBEDDING_PATH, PROJECTION_EMBEDDING_PATH):
         node = params
         for k in path:
@@ -212,6 +212,12 @@ def _embedding_table(params):
             return path, node
     raise AdapterError("text_encoder_params has no embeddings/token_embedding/embedding table (expected a "
                        "CLIPTextModel or CLIPTextModelWithProjection params tree, e.g. params['text_encoder'])")
+
+
+def with_embedding_table(params, table) -> dict:
+    """A text encoder's params tree with its token-embedding table replaced by `table` (traceable)."""
+    path, _ = embedding_table(params)
+    return _replace(params, path, table)
 
 
 def _replace(tree: Mapping, path: tuple[str, ...], value) -> dict:

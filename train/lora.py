@@ -7,8 +7,9 @@ merged into the weights inside the compiled step exactly as the pipeline merges 
 (`sdjax.lora.merge_lora`: W + alpha/rank * up @ down). Batches mix concept images ("an orange circle on a white
 background", train.data.concept_dataset) with the base model's own training images, so the old prompts keep their
 adherence. With `token_init` (pivotal tuning) the concept word is first added to the tokenizer as one new token, as
-textual inversion does, its embedding row initialised from those words' and trained with the factors. Captions are dropped with probability caption_dropout, so classifier-free guidance still works. B starts
-at zero (the adapter starts as a no-op) and A at PEFT's kaiming-uniform scale.
+textual inversion does, its embedding row initialised from those words' and trained with the factors. Captions are
+dropped with probability caption_dropout, so classifier-free guidance still works. B starts at zero (the adapter
+starts as a no-op) and A at PEFT's kaiming-uniform scale.
 
 At the end the adapter is written in diffusers/PEFT format (<workdir>/lora/pytorch_lora_weights.safetensors, with
 its LoraConfig as metadata): diffusers' `load_lora_weights` and sdjax's `pipe.load_lora_weights` / `--lora` load it;
@@ -31,10 +32,11 @@ import optax
 
 from sdjax import convert
 from sdjax.errors import ConfigError
-from sdjax.io import write_json
+from sdjax.io import write_json, write_safetensors
 from sdjax.lora import LoraAdapter, LoraLayer, merge_lora, save_lora
 from sdjax.pipelines import FlaxStableDiffusionPipeline
 from sdjax.schedulers import DDPMScheduler
+from sdjax.textual_inversion import TEXT_INVERSION_NAME_SAFE, embedding_table, with_embedding_table
 
 from . import data as data_lib
 from . import evaluate as eval_lib
@@ -132,7 +134,7 @@ def add_concept_token(cfg: Config, pipe, params):
     """Pivotal tuning: the concept word becomes one new token (textual inversion's `load_textual_inversion`, so
     the tokenizer and text encoder are what a user gets from the exported learned_embeds.safetensors), its
     embedding the mean of the `token_init` words' (each one token of the base tokenizer). (pipe, params, id)."""
-    table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+    _, table = embedding_table(params["text_encoder"])
     rows = []
     for word in cfg.token_init:
         ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
@@ -148,9 +150,8 @@ def add_concept_token(cfg: Config, pipe, params):
 
 def with_token(text_encoder_params, token_id, vector):
     """The text encoder's params with row `token_id` of the embedding table set to `vector`."""
-    emb = text_encoder_params["embeddings"]["token_embedding"]["embedding"]
-    return {**text_encoder_params, "embeddings": {**text_encoder_params["embeddings"], "token_embedding": {
-        "embedding": emb.at[token_id].set(vector.astype(emb.dtype))}}}
+    _, table = embedding_table(text_encoder_params)
+    return with_embedding_table(text_encoder_params, table.at[token_id].set(vector.astype(table.dtype)))
 
 
 def make_optimizer(cfg: Config):
@@ -160,12 +161,13 @@ def make_optimizer(cfg: Config):
 
 
 def create_train_state(cfg: Config, params, token_id: int | None = None) -> dict:
-    """Adam and EMA over the trainable tree: {"lora": factors} (+ "token": the new word's embedding row)."""
-    lora = {"lora": init_lora(cfg, params, jax.random.PRNGKey(cfg.seed))}
+    """Adam and EMA over the trainable tree, state["lora"]: {"lora": the factors} (+ "token": the new word's
+    embedding row)."""
+    trainable = {"lora": init_lora(cfg, params, jax.random.PRNGKey(cfg.seed))}
     if token_id is not None:
-        lora["token"] = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"][token_id]
-    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": make_optimizer(cfg).init(lora),
-            "ema": jax.tree_util.tree_map(jnp.copy, lora)}  # own buffers: the state is donated
+        trainable["token"] = embedding_table(params["text_encoder"])[1][token_id]
+    return {"step": jnp.zeros((), jnp.int32), "lora": trainable, "opt_state": make_optimizer(cfg).init(trainable),
+            "ema": jax.tree_util.tree_map(jnp.copy, trainable)}  # own buffers: the state is donated
 
 
 def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, empty_ids, token_id, state, batch,
@@ -187,10 +189,10 @@ def train_step(cfg: Config, text_encoder, unet, noise_sched, scaling_factor, emp
 
     loss, grads = jax.value_and_grad(loss_fn)(state["lora"])
     updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["lora"])
-    lora = optax.apply_updates(state["lora"], updates)
+    trainable = optax.apply_updates(state["lora"], updates)
     step = state["step"] + 1
-    ema = ema_update(state["ema"], lora, step, cfg.ema_decay)
-    return ({"step": step, "lora": lora, "opt_state": opt_state, "ema": ema},
+    ema = ema_update(state["ema"], trainable, step, cfg.ema_decay)
+    return ({"step": step, "lora": trainable, "opt_state": opt_state, "ema": ema},
             {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
 
@@ -285,9 +287,6 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
 def save_embedding(folder, token: str, vector) -> Path:
     """learned_embeds.safetensors ({token: [1, D]}), what diffusers' `load_textual_inversion(folder, token=...)`
     and sdjax's read."""
-    from sdjax.io import write_safetensors
-    from sdjax.textual_inversion import TEXT_INVERSION_NAME_SAFE
-
     path = Path(folder) / TEXT_INVERSION_NAME_SAFE
     write_safetensors(path, {token: np.asarray(vector, np.float32)[None]})
     return path

@@ -183,9 +183,8 @@ def load_pipeline(args, task: str = "text2img", pipeline_cls=None, abstract: boo
     print(f"{'reading the configs of' if abstract else 'loading'} {model} ...", file=sys.stderr)
     pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler, abstract=abstract,
                                                 **load)
-    if abstract:
-        return pipe, params, model, *call_defaults(args, pipe)
-    pipe, params = load_adapters(pipe, params, getattr(args, "lora", []), getattr(args, "embedding", []))
+    if not abstract:
+        pipe, params = load_adapters(pipe, params, getattr(args, "lora", []), getattr(args, "embedding", []))
     return pipe, params, model, *call_defaults(args, pipe)
 
 
