@@ -143,6 +143,14 @@ def test_token_init_words_must_be_single_tokens():
         lora.add_concept_token(cfg, pipe, params)
 
 
+def test_bad_token_init_writes_nothing(tmp_path):
+    from sdjax.train import lora
+
+    with pytest.raises(ConfigError, match="'purplish'"):
+        lora.train_and_evaluate(config("token_init=['purplish']"), tmp_path / "run", progress=False, evaluate=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parity
 def test_pivotal_token_trains_and_loads_in_sdjax_and_diffusers(trained):

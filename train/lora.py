@@ -225,6 +225,11 @@ def load_base(cfg: Config):
 
 def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,
                        final_save: bool = True, evaluate: bool = True, classifier_dir="runs/shapes_classifier") -> dict:
+    # the base model and the new token first: a bad base_model or token_init word writes nothing in the workdir
+    model, pipe, params = load_base(cfg)
+    base_pipe, base_params, token_id = pipe, params, None
+    if cfg.token_init:  # the concept word as a new token, trained with the LoRA (pivotal tuning)
+        pipe, params, token_id = add_concept_token(cfg, pipe, params)
     workdir = prepare_workdir(workdir, "sdjax train lora")
     ckpt = Checkpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
     resumable = ckpt.latest_step() is not None
@@ -232,10 +237,6 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
     mesh = parallel.make_mesh()
     parallel.check_batch_size(cfg.batch_size, mesh)
 
-    model, pipe, params = load_base(cfg)
-    base_pipe, base_params, token_id = pipe, params, None
-    if cfg.token_init:  # the concept word as a new token, trained with the LoRA (pivotal tuning)
-        pipe, params, token_id = add_concept_token(cfg, pipe, params)
     base = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
     size = pipe.default_size
     concept, prior = training_data(cfg, size)
