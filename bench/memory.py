@@ -1,13 +1,16 @@
 """Peak host memory: load a pipeline folder, then make one image; sdjax vs diffusers PyTorch, same folder.
 
 Each peer runs in its own fresh process (peak RSS = the kernel's VmHWM of that process), one after the other:
-  sdjax          -- as the `sdjax` command runs it: `limit_host_heap()` (glibc mmap threshold); the program
+  sdjax          -- as the `sdjax` command runs it: `limit_host_heap()` (glibc mmap threshold) and
+                    `tune_cpu_compiler()` (XLA:CPU flags); the program
                     compiled from the configs first (from_pretrained(abstract=True), pipe.lower(...).compile(), then
                     glibc's free pages returned),
-                    then FlaxStableDiffusionPipeline.from_pretrained + one call
+                    then FlaxStableDiffusionPipeline.from_pretrained + one call; both loads with vae_encoder=False
+                    (text-to-image never encodes: the VAE's encoder is not read; PyTorch maps the file and never
+                    touches those pages either)
   sdjax-command  -- `sdjax generate --model FOLDER` itself (a child process; peak = its ru_maxrss)
   sdjax-library  -- load, then call (compile included: it is part of making the first image), without
-                    limit_host_heap(): a program that imports sdjax and changes nothing
+                    limit_host_heap() and with the whole VAE: a program that imports sdjax and changes nothing
   torch          -- diffusers StableDiffusionPipeline.from_pretrained (fp32, no safety checker) + one call
 Phases: after imports, after loading (peak so far), after the image (peak so far). fp32, PNDM, guidance 7.5.
 
@@ -53,6 +56,10 @@ def child(peer: str, folder: str, size: int, steps: int) -> dict:
         phases["image"] = {"VmHWM": peak, "VmRSS": None}
         return phases
     if peer.startswith("sdjax"):
+        if peer == "sdjax":
+            from sdjax.compilation import tune_cpu_compiler
+
+            tune_cpu_compiler()  # before JAX starts its CPU backend
         import jax
 
         from sdjax.io import limit_host_heap, release_free_host_memory
@@ -63,13 +70,14 @@ def child(peer: str, folder: str, size: int, steps: int) -> dict:
         if peer == "sdjax":
             limit_host_heap()
         phases["import"] = _status()
+        load = dict(vae_encoder=False) if peer == "sdjax" else {}
         if peer == "sdjax":
-            pipe, shapes = FlaxStableDiffusionPipeline.from_pretrained(folder, abstract=True)
+            pipe, shapes = FlaxStableDiffusionPipeline.from_pretrained(folder, abstract=True, **load)
             ids = pipe.prepare_inputs([common.PROMPTS[0]])
             pipe.lower(ids, shapes, key, **kw).compile()
             release_free_host_memory()
             phases["compile"] = _status()
-        pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder)
+        pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder, **load)
         phases["load"] = _status()
         ids = pipe.prepare_inputs([common.PROMPTS[0]])
         out = pipe(ids, params, key, **kw)

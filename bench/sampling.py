@@ -11,6 +11,8 @@ prompts, guidance 7.5, steps, batch, resolution and the same initial latents (so
 Timed region per call: tokenize the prompts -> generate -> images as a host numpy array.
 - sdjax: `pipe(ids, params, key, latents=..., return_trajectory=False)` (jax.jit, one program).
   `--trajectory` also times the default return_trajectory=True.
+- sdjax-cli: the same, in a process set up as the `sdjax` command sets itself up (`tune_cpu_compiler()`: XLA:CPU
+  flags; sdjax/compilation.py), to measure what those flags do.
 - diffusers PyTorch: `StableDiffusionPipeline(prompt=..., latents=..., output_type="np")` under no_grad.
 - old Flax: diffusers 0.35.2 `FlaxStableDiffusionPipeline(..., jit=True)` (pmap over the one CPU device),
   from the venv at $SDJAX_BENCH_OLDFLAX_PYTHON (default .bench-venv-oldflax/bin/python; see bench/README.md).
@@ -31,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PEERS = ("sdjax", "torch", "oldflax")
+PEERS = ("sdjax", "sdjax-cli", "torch", "oldflax")
 
 
 def make_latents(folder, batch, size, seed=0):
@@ -159,10 +161,14 @@ def _time_calls(call, a):
 def worker_main(a):
     if a.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if a.worker == "sdjax-cli":
+        from sdjax.compilation import tune_cpu_compiler
+
+        tune_cpu_compiler()  # before JAX starts its CPU backend, as `sdjax` does
     folder = Path(a.folder)
     latents = make_latents(folder, a.batch, a.size)
     prompts = (common.PROMPTS * a.batch)[: a.batch]
-    fn = {"sdjax": worker_sdjax, "torch": worker_torch, "oldflax": worker_oldflax}[a.worker]
+    fn = {"sdjax": worker_sdjax, "sdjax-cli": worker_sdjax, "torch": worker_torch, "oldflax": worker_oldflax}[a.worker]
     res = fn(a, folder, latents, prompts)
     try:
         import jax
@@ -198,7 +204,7 @@ def main():
         a.runs, a.no_wait = 1, True
 
     peers = [p for p in a.peers.split(",") if p]
-    folders = {"sdjax": common.model_folder(a.config), "torch": common.model_folder(a.config)}
+    folders = {p: common.model_folder(a.config) for p in ("sdjax", "sdjax-cli", "torch")}
     if "oldflax" in peers:
         if not common.OLDFLAX_PYTHON.exists():
             print(f"[bench] no old-Flax venv at {common.OLDFLAX_PYTHON}; skipping that peer", file=sys.stderr)
@@ -241,14 +247,12 @@ def main():
                    max_abs_image_diff_vs_torch=agree)
     ok = {p: r for p, r in results.items() if "error" not in r}
     ratios = {}
-    if "sdjax" in ok:
-        s = ok["sdjax"]
-        for peer in ("torch", "oldflax"):
-            if peer in ok:
-                o = ok[peer]
-                ratios[f"sdjax/{peer}"] = dict(
-                    warm=s["warm"]["median"] / o["warm"]["median"], cold=s["cold_s"] / o["cold_s"],
-                    warm_per_unet_call=(s["warm"]["median"] / s["n_unet_calls"]) / (o["warm"]["median"] / o["n_unet_calls"]))
+    for mine, peer in (("sdjax", "torch"), ("sdjax", "oldflax"), ("sdjax-cli", "torch"), ("sdjax-cli", "sdjax")):
+        if mine in ok and peer in ok:
+            s, o = ok[mine], ok[peer]
+            ratios[f"{mine}/{peer}"] = dict(
+                warm=s["warm"]["median"] / o["warm"]["median"], cold=s["cold_s"] / o["cold_s"],
+                warm_per_unet_call=(s["warm"]["median"] / s["n_unet_calls"]) / (o["warm"]["median"] / o["n_unet_calls"]))
     summary["ratios"] = ratios
     print(report(summary))
     if a.json:

@@ -8,6 +8,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The XLA:CPU flags the `sdjax` command sets (sdjax.compilation.tune_cpu_compiler), here too, before JAX starts its
+# CPU backend: in-process runs then compute the same bits as the `sdjax ...` subprocesses (and notebook kernels) the
+# tests start, which inherit this environment; the resume tests compare the two.
+from sdjax.compilation import tune_cpu_compiler  # noqa: E402
+
+tune_cpu_compiler()
+
 # One JAX persistent compilation cache for the whole run: the test processes (pytest-xdist's workers inherit this
 # environment) and every command, kernel and multi-process run they start. Many tests compile the same programs
 # (the tiny pipelines at the same shapes, each `sdjax ...` subprocess, each restarted training process); with the

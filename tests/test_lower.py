@@ -129,3 +129,99 @@ def test_generate_command_compiles_before_it_loads(tiny_folder, tmp_path, capsys
     runs = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(_run)")]
     assert len(runs) == 1, [r.getMessage()[:80] for r in runs]
     assert (tmp_path / "out" / "image-000.png").is_file()
+
+
+# ---------------------------------------------------------------- reading only what the calls use
+def test_vae_encoder_false_leaves_the_encoder_unread_and_makes_the_same_images(tiny_folder, tiny_pipeline,
+                                                                                monkeypatch):
+    """Text-to-image never encodes: vae_encoder=False does not read the VAE's encoder (the file's tensors are
+    passed over), and the call makes the same images as with the full params."""
+    from sdjax.io import SafetensorsFiles
+
+    read = []
+    original = SafetensorsFiles.__getitem__
+    monkeypatch.setattr(SafetensorsFiles, "__getitem__",  # the VAE's tensors that are read
+                        lambda self, k: (self._paths[0].parent.name == "vae" and read.append(k)) or original(self, k))
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(tiny_folder, vae_encoder=False)
+    assert set(params["vae"]) == {"decoder", "post_quant_conv"}
+    assert read and not [k for k in read if k.startswith(("encoder.", "quant_conv."))]
+    assert [k for k in read if k.startswith("decoder.")]
+    _, shapes = FlaxStableDiffusionPipeline.from_pretrained(tiny_folder, abstract=True, vae_encoder=False)
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
+    full_pipe, full = tiny_pipeline
+    ids, key = _call_args(pipe)
+    a = pipe(ids, params, key, num_inference_steps=STEPS)
+    b = full_pipe(ids, full, key, num_inference_steps=STEPS)
+    np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
+    np.testing.assert_array_equal(np.asarray(a.trajectory.pred_original_samples),
+                                  np.asarray(b.trajectory.pred_original_samples))
+
+
+def test_pipelines_that_encode_refuse_a_vae_without_its_encoder(tiny_folder, tiny_pipeline):
+    from sdjax import ConfigError
+    from sdjax.models.autoencoder_kl import AutoencoderKL
+    from sdjax.pipelines import FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline
+
+    for cls in (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline):
+        with pytest.raises(InputError, match=f"{cls.__name__} encodes images with the VAE: vae_encoder=False"):
+            cls.from_pretrained(tiny_folder, vae_encoder=False)
+    pipe, full = tiny_pipeline
+    params = dict(full, vae={k: v for k, v in full["vae"].items() if k not in AutoencoderKL.ENCODER})
+    img2img = FlaxStableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    ids, image = img2img.prepare_inputs(["a cat"], np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(InputError, match=r"`params\['vae'\]` has no encoder \(loaded with vae_encoder=False\)"):
+        img2img(ids, image, params, jax.random.PRNGKey(0), num_inference_steps=STEPS)
+    with pytest.raises(ConfigError, match="skip=.*names no submodule of its params \\(it has: decoder, encoder, "):
+        AutoencoderKL.from_pretrained(tiny_folder, subfolder="vae", skip=("encoders",))
+
+
+def test_tune_cpu_compiler_adds_its_flags_unless_xla_flags_chooses(monkeypatch):
+    import os
+
+    from sdjax import compilation
+
+    flags = [f"--{k}={v}" for k, v in compilation.CPU_XLA_FLAGS.items()]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert compilation.tune_cpu_compiler() == flags
+    assert os.environ["XLA_FLAGS"] == " ".join(["--xla_force_host_platform_device_count=8", *flags])
+    mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    monkeypatch.setenv("XLA_FLAGS", mine)
+    assert compilation.tune_cpu_compiler() == flags[1:], "the user's own choice wins"
+    assert os.environ["XLA_FLAGS"] == " ".join([mine, *flags[1:]])
+    monkeypatch.delenv("XLA_FLAGS")
+    assert compilation.tune_cpu_compiler() == flags and os.environ["XLA_FLAGS"] == " ".join(flags)
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(compilation, "TUNED_JAXLIB", ("0.0.",))  # an untested jaxlib: nothing (XLA aborts on
+    assert compilation.tune_cpu_compiler() == [] and "XLA_FLAGS" not in os.environ  # flags it does not know)
+
+
+TUNED_PROBE = """
+import sys
+from sdjax.compilation import tune_cpu_compiler
+if sys.argv[1] == "tuned":
+    tune_cpu_compiler()  # before JAX starts its CPU backend, as the sdjax command calls it
+import jax, jax.numpy as jnp
+from sdjax.assets import toy_model_path
+from sdjax.models.autoencoder_kl import AutoencoderKL
+vae, p = AutoencoderKL.from_pretrained(toy_model_path(), subfolder="vae", abstract=True, skip=AutoencoderKL.ENCODER)
+z = jax.ShapeDtypeStruct((1, vae.latent_channels, 16, 16), jnp.float32)
+compiled = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode)).lower(p, z).compile()
+print(compiled.memory_analysis().temp_size_in_bytes, compiled.as_text().count("__ynn"))
+"""
+
+
+def test_tune_cpu_compiler_takes_effect_in_a_fresh_process():
+    """In a new process (as `sdjax` runs) XLA knows the flags and follows them: the toy VAE's decode keeps fewer
+    temporaries and has no YNNPACK fusions."""
+    import os
+    import subprocess
+    import sys
+
+    def compiled(how):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        out = subprocess.run([sys.executable, "-c", TUNED_PROBE, how], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return tuple(int(x) for x in out.stdout.split()[-2:])
+
+    tuned, default = compiled("tuned"), compiled("default")
+    assert tuned[0] < default[0] and tuned[1] == 0 < default[1], (tuned, default)

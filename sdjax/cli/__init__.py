@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from ..compilation import tune_cpu_compiler
 from ..errors import SdjaxError
 from ..io import limit_host_heap
 from . import edit, generate, train, viz
@@ -73,8 +74,10 @@ def quiet_libraries() -> None:
 
 def entry() -> None:
     """The `sdjax` program (console script and `python -m sdjax.cli`): one command per process, so it may tune the
-    process's allocator (`limit_host_heap`); `main` itself, which tests and other programs call in-process, does not."""
+    process's allocator (`limit_host_heap`) and XLA:CPU's flags (`tune_cpu_compiler`); `main` itself, which tests
+    and other programs call in-process, does not."""
     limit_host_heap()
+    tune_cpu_compiler()
     sys.exit(main())
 
 

@@ -291,7 +291,8 @@ def cmd_upscale(args) -> None:
     model = str(toy_upscaler_path()) if toy else args.model
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     print(f"loading {model} ...", file=sys.stderr)
-    pipe, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(model, dtype=dtype, scheduler=args.scheduler)
+    pipe, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(model, dtype=dtype, scheduler=args.scheduler,
+                                                                      vae_encoder=False)
     steps = pipe.check_steps(args.steps if args.steps is not None else (TOY_UPSCALER_SETTINGS["steps"] if toy else 75))
     guidance = args.guidance if args.guidance is not None else (TOY_UPSCALER_SETTINGS["guidance"] if toy else 9.0)
     level = args.noise_level if args.noise_level is not None else (TOY_UPSCALER_SETTINGS["noise_level"] if toy else 20)

@@ -141,7 +141,7 @@ def load_upscaler(args, dtype_name: str):
     path = str(toy_upscaler_path()) if args.cascade else args.upscaler
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype_name]
     print(f"loading {path} ...", file=sys.stderr)
-    up, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype)
+    up, params = FlaxStableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype, vae_encoder=False)
     toy = args.cascade or Path(path).resolve() == TOY_UPSCALER.resolve()
     steps = args.upscaler_steps if args.upscaler_steps is not None else (TOY_UPSCALER_SETTINGS["steps"] if toy else 75)
     guidance = args.upscaler_guidance if args.upscaler_guidance is not None else (
@@ -181,8 +181,9 @@ def load_pipeline(args, task: str = "text2img", pipeline_cls=None, abstract: boo
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     pipeline_cls = pipeline_cls or pipeline_class(model, task=task)
     print(f"{'reading the configs of' if abstract else 'loading'} {model} ...", file=sys.stderr)
+    # Only what the calls read: a pipeline that never encodes images leaves the VAE's encoder unread.
     pipe, params = pipeline_cls.from_pretrained(model, dtype=dtype, scheduler=args.scheduler, abstract=abstract,
-                                                **load)
+                                                vae_encoder=pipeline_cls.encodes_images, **load)
     if not abstract:
         pipe, params = load_adapters(pipe, params, getattr(args, "lora", []), getattr(args, "embedding", []))
     return pipe, params, model, *call_defaults(args, pipe)

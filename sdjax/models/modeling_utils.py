@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import logging
+import re
 import typing
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,6 +55,7 @@ class FlaxModelMixin:
     _config_supported: ClassVar[dict[str, tuple]] = {}
     _key_renames: ClassVar[tuple] = ()
     _ignored_keys: ClassVar[tuple] = ()
+    _optional_params: ClassVar[tuple] = ()  # top-level submodules a config can leave out (skip= may name them)
     _save_prefix: ClassVar[str] = ""
     _config_format: ClassVar[str] = "diffusers"
     _positive_keys: ClassVar[tuple] = ()  # config keys whose numbers (or every number in the list) must be > 0
@@ -161,15 +163,22 @@ class FlaxModelMixin:
     def init_weights(self, rng) -> dict:
         return self.init(rng, *self.dummy_inputs())["params"]
 
-    def param_shapes(self) -> dict:
-        """The params tree as shapes, without allocating or computing anything."""
-        return jax.eval_shape(self.init_weights, jax.random.PRNGKey(0))
+    def param_shapes(self, skip: tuple[str, ...] = ()) -> dict:
+        """The params tree as shapes, without allocating or computing anything; without the top-level
+        submodules named in `skip` (each must be one: ConfigError otherwise)."""
+        shapes = jax.eval_shape(self.init_weights, jax.random.PRNGKey(0))
+        unknown = [name for name in skip if name not in shapes and name not in self._optional_params]
+        if isinstance(skip, str) or unknown:
+            raise ConfigError(f"{type(self).__name__}: skip={skip!r} names no submodule of its params "
+                              f"(it has: {', '.join(shapes)})")
+        return {name: tree for name, tree in shapes.items() if name not in skip}
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, dtype=jnp.float32,
                         param_dtype=None, allow_pickle: bool = False, variant: str | None = None,
-                        revision: str | None = None, check_finite: bool = True, abstract: bool = False, **runtime):
+                        revision: str | None = None, check_finite: bool = True, abstract: bool = False,
+                        skip: tuple[str, ...] = (), **runtime):
         """Load (module, params) from a diffusers/transformers folder or hub repo id.
 
         dtype: compute dtype. param_dtype: dtype of the returned params (default: dtype).
@@ -177,6 +186,8 @@ class FlaxModelMixin:
         check_finite: refuse weights holding NaN or inf, naming the tensor (False skips that pass, for speed).
         abstract: read the config only and return params as `jax.ShapeDtypeStruct`s (the weights file is found,
             not read): for compiling a program before the weights are in memory (`pipe.lower`).
+        skip: top-level submodules whose weights are not read (they are absent from the params, and their
+            tensors in the file are passed over unread), e.g. `AutoencoderKL.ENCODER` for a VAE that only decodes.
         runtime: kernel choices (`attention_kernel=`, `conv_kernel=`), see sdjax.models.attention / resnet.
         """
         folder = resolve_folder(pretrained_model_name_or_path, subfolder)
@@ -189,23 +200,26 @@ class FlaxModelMixin:
         if abstract:
             find_weights(folder, allow_pickle=allow_pickle, variant=variant)  # a folder without weights fails now
             return model, jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype),
-                                                 model.param_shapes())
+                                                 model.param_shapes(skip))
         params = model.load_params(folder, allow_pickle=allow_pickle, variant=variant, check_finite=check_finite,
-                                   materialize=lambda x: jnp.asarray(x, dtype=param_dtype))
+                                   materialize=lambda x: jnp.asarray(x, dtype=param_dtype), skip=skip)
         return model, params
 
     def load_params(self, folder: Path, allow_pickle: bool = False, variant: str | None = None,
-                    materialize=np.asarray, check_finite: bool = True) -> dict:
+                    materialize=np.asarray, check_finite: bool = True, skip: tuple[str, ...] = ()) -> dict:
         """Read the weights in `folder` into a params tree for this module (strict).
 
         materialize: applied to each converted host array (from_pretrained: `jnp.asarray(x, dtype)`).
+        skip: top-level submodules not read (see from_pretrained).
         Safetensors are read tensor by tensor on LOAD_THREADS threads, never all at once.
         """
-        expected = self.param_shapes()
+        expected = self.param_shapes(skip)
+        # The skipped submodules' tensors (PyTorch names start with the same name) are passed over unread.
+        ignored = self._ignored_keys + tuple(rf"^{re.escape(name)}\." for name in skip)
         kind, files = find_weights(folder, allow_pickle=allow_pickle, variant=variant)
         if kind == "msgpack":
             tree = _read_msgpack(files[0])
-            params, report = convert.legacy_flax_to_flax(tree, expected, self._key_renames, self._ignored_keys,
+            params, report = convert.legacy_flax_to_flax(tree, expected, self._key_renames, ignored,
                                                          check_finite=check_finite)
             params = jax.tree_util.tree_map(materialize, params)
         else:
@@ -215,7 +229,7 @@ class FlaxModelMixin:
                 state = {}
                 for f in files:
                     state.update(_read_pickle(f))
-            params, report = convert.torch_to_flax(state, expected, self._key_renames, self._ignored_keys,
+            params, report = convert.torch_to_flax(state, expected, self._key_renames, ignored,
                                                    materialize=materialize, max_workers=LOAD_THREADS,
                                                    check_finite=check_finite)
         release_free_host_memory()

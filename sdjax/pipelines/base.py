@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, InputError, NonFiniteError, SdjaxError
 from ..hub import resolve_folder
 from ..io import read_json
+from ..models.autoencoder_kl import AutoencoderKL
 from . import engine
 from .adapters import AdaptersMixin
 from .output import FlaxStableDiffusionPipelineOutput
@@ -48,6 +49,19 @@ class DiffusionPipeline(AdaptersMixin):
 
     #: the components this pipeline runs, by model_index.json name
     components: tuple[str, ...] = ()
+    #: whether its calls encode images with the VAE (image-to-image, inpainting); if not, the VAE's encoder can
+    #: stay unread: from_pretrained(..., vae_encoder=False)
+    encodes_images: bool = False
+
+    @classmethod
+    def vae_skip(cls, vae_encoder: bool) -> tuple[str, ...]:
+        """What from_pretrained's `vae_encoder` leaves unread of the VAE (`AutoencoderKL.from_pretrained(skip=)`)."""
+        if vae_encoder:
+            return ()
+        if cls.encodes_images:
+            raise InputError(f"{cls.__name__} encodes images with the VAE: vae_encoder=False is for pipelines "
+                             "that only decode (text-to-image)")
+        return AutoencoderKL.ENCODER
 
     # ------------------------------------------------------------------ identity (static argument)
     def _identity(self) -> tuple:
@@ -207,6 +221,11 @@ class DiffusionPipeline(AdaptersMixin):
                 raise InputError(f"`params` has no {name!r} (it has: {', '.join(map(str, params))})")
             expected = _param_shapes(getattr(self, name))
             got = params[name]
+            if name == "vae" and isinstance(got, dict) and "encoder" not in got:  # from vae_encoder=False
+                if self.encodes_images:
+                    raise InputError(f"`params['vae']` has no encoder (loaded with vae_encoder=False), and "
+                                     f"{type(self).__name__} encodes images: load with vae_encoder=True (the default)")
+                expected = {k: v for k, v in expected.items() if k not in self.vae_skip(False)}
             want_leaves = jax.tree_util.tree_leaves_with_path(expected)
             try:
                 got_leaves = dict(jax.tree_util.tree_leaves_with_path(got))

@@ -68,12 +68,12 @@ class FlaxStableDiffusionClassifierGuidedPipeline(FlaxStableDiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, classifier=None, dtype=jnp.float32, scheduler=None,
                         param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
-                        abstract: bool = False, **runtime):
+                        abstract: bool = False, vae_encoder: bool = True, **runtime):
         """(pipeline, params) of a Stable Diffusion folder and a classifier folder (NoiseClassifier's config.json +
         safetensors; default: the pipeline folder's classifier/ subfolder). The classifier runs in float32."""
         pipe, params = FlaxStableDiffusionPipeline.from_pretrained(
             pretrained_model_name_or_path, dtype=dtype, scheduler=scheduler, param_dtype=param_dtype,
-            allow_pickle=allow_pickle, revision=revision, abstract=abstract, **runtime)
+            allow_pickle=allow_pickle, revision=revision, abstract=abstract, vae_encoder=vae_encoder, **runtime)
         if classifier is None:
             classifier = Path(pretrained_model_name_or_path) / "classifier"
             if not (classifier / "config.json").is_file():

@@ -172,13 +172,14 @@ class ControlNetMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, controlnet=None, dtype=jnp.float32, scheduler=None,
                         param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
-                        abstract: bool = False, **runtime):
+                        abstract: bool = False, vae_encoder: bool = True, **runtime):
         """The base Stable Diffusion folder (or repo id), plus `controlnet`: a ControlNet folder / repo id, or a list
         of them (loaded; params["controlnet"] is a tuple, one params tree each), or ControlNetModel module(s)
         (put their params in params["controlnet"] yourself, as with diffusers' Flax pipeline). Without
         `controlnet`, the folder's own controlnet/ (a StableDiffusionControlNetPipeline folder) is loaded."""
         kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, revision=revision, abstract=abstract)
-        pipe, params = super().from_pretrained(pretrained_model_name_or_path, scheduler=scheduler, **kw, **runtime)
+        pipe, params = super().from_pretrained(pretrained_model_name_or_path, scheduler=scheduler,
+                                               vae_encoder=vae_encoder, **kw, **runtime)
         if controlnet is None:
             root, _ = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),
                                            revision=revision)

@@ -45,6 +45,8 @@ class MergeSettings(ImageSettings):
 class FlaxStableDiffusionImg2ImgPipeline(FlaxStableDiffusionPipeline):
     """Text-guided image-to-image (diffusers' StableDiffusionImg2ImgPipeline), trajectory and x̂0 included."""
 
+    encodes_images = True
+
     # ------------------------------------------------------------------ inputs
     def prepare_inputs(self, prompt, image=None):
         """(prompt ids [B, 77], images NCHW in [-1, 1]) as diffusers' Flax img2img returned them; with only

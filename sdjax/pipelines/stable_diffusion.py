@@ -57,12 +57,14 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=jnp.float32, scheduler=None,
                         param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
-                        abstract: bool = False, **runtime):
+                        abstract: bool = False, vae_encoder: bool = True, **runtime):
         """Load a diffusers-format Stable Diffusion folder (or hub repo id): returns (pipeline, params).
 
         scheduler: None (the folder's own), a name (ddim, pndm, euler, ...), a config dict, or a scheduler.
         abstract: read configs only; params are `jax.ShapeDtypeStruct`s (nothing loaded): to compile with
             `pipe.lower(...).compile()` before the weights are in memory.
+        vae_encoder: False leaves the VAE's encoder unread (params["vae"] without "encoder"/"quant_conv"; ~130 MiB
+            less for SD): text-to-image never encodes; pipelines that do (image-to-image) refuse such params.
         runtime: kernel choices for every model (`attention_kernel=`, `conv_kernel=`; default "auto").
         """
         root, index = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),
@@ -72,7 +74,8 @@ class FlaxStableDiffusionPipeline(DiffusionPipeline):
         kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, abstract=abstract)
         text_encoder, te_params = CLIPTextModel.from_pretrained(
             root, subfolder="text_encoder", **kw, **runtime_for(CLIPTextModel, runtime))
-        vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw, **runtime_for(AutoencoderKL, runtime))
+        vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", skip=cls.vae_skip(vae_encoder), **kw,
+                                                        **runtime_for(AutoencoderKL, runtime))
         unet, unet_params = UNet2DConditionModel.from_pretrained(
             root, subfolder="unet", **kw, **runtime_for(UNet2DConditionModel, runtime))
         tokenizer = load_tokenizer(root, subfolder="tokenizer")

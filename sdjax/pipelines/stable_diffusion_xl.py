@@ -200,12 +200,12 @@ class StableDiffusionXLMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=jnp.float32, scheduler=None, param_dtype=None,
                         allow_pickle: bool = False, revision: str | None = None, abstract: bool = False,
-                        **runtime):
+                        vae_encoder: bool = True, **runtime):
         """Load a diffusers SDXL folder (base or refiner) or hub repo id: returns (pipeline, params).
 
         params: {"text_encoder" (not the refiner), "text_encoder_2", "vae", "unet"}. Every weight is read one
         tensor at a time and put in `param_dtype` (default: dtype) as it is read; the VAE stays float32 when it
-        says force_upcast and dtype is not float32. Other arguments (abstract=) as
+        says force_upcast and dtype is not float32. Other arguments (abstract=, vae_encoder=) as
         FlaxStableDiffusionPipeline.from_pretrained."""
         root, index = open_pipeline_folder(pretrained_model_name_or_path, weight_patterns(cls.components),
                                            revision=revision)
@@ -241,7 +241,7 @@ class StableDiffusionXLMixin:
         vae_kw = kw
         if jnp.dtype(dtype) != jnp.float32 and _vae_force_upcast(root / "vae" / "config.json"):
             vae_kw = dict(kw, dtype=jnp.float32, param_dtype=jnp.float32)
-        vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", **vae_kw,
+        vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", skip=cls.vae_skip(vae_encoder), **vae_kw,
                                                         **runtime_for(AutoencoderKL, runtime))
         unet, unet_params = UNet2DConditionModel.from_pretrained(
             root, subfolder="unet", **kw, **runtime_for(UNet2DConditionModel, runtime))

@@ -80,11 +80,12 @@ class FlaxStableDiffusionUpscalePipeline(FlaxStableDiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=jnp.float32, scheduler=None,
                         param_dtype=None, allow_pickle: bool = False, revision: str | None = None,
-                        abstract: bool = False, **runtime):
+                        abstract: bool = False, vae_encoder: bool = True, **runtime):
         """Load a diffusers `StableDiffusionUpscalePipeline` folder (or hub repo id): returns (pipeline, params).
 
         scheduler: None (the folder's own), a name (ddim, euler, ...), a config dict, or a scheduler; the
         low_res_scheduler is always the folder's (a DDPM config in `low_res_scheduler/`).
+        vae_encoder: False leaves the VAE's encoder unread (the upscaler only decodes).
         """
         patterns = weight_patterns([c for c in cls.components if c != "low_res_scheduler"])
         root, index = open_pipeline_folder(pretrained_model_name_or_path,
@@ -105,7 +106,8 @@ class FlaxStableDiffusionUpscalePipeline(FlaxStableDiffusionPipeline):
         kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, abstract=abstract)
         text_encoder, te_params = CLIPTextModel.from_pretrained(
             root, subfolder="text_encoder", **kw, **runtime_for(CLIPTextModel, runtime))
-        vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw, **runtime_for(AutoencoderKL, runtime))
+        vae, vae_params = AutoencoderKL.from_pretrained(root, subfolder="vae", skip=cls.vae_skip(vae_encoder), **kw,
+                                                        **runtime_for(AutoencoderKL, runtime))
         unet, unet_params = UNet2DConditionModel.from_pretrained(
             root, subfolder="unet", **kw, **runtime_for(UNet2DConditionModel, runtime))
         tokenizer = load_tokenizer(root, subfolder="tokenizer")
