@@ -30,11 +30,10 @@ def enable_compile_cache(cache_dir: str | os.PathLike) -> str:
 # versions they were measured on (TUNED_JAXLIB).
 CPU_XLA_FLAGS = {
     # schedule for memory, not for running independent ops at once: an SD-1.5 256x256 generation keeps 160 MiB of
-    # temporaries instead of 224 MiB, at the same speed
+    # temporaries instead of 224 MiB, at the same speed. (Not set: `xla_cpu_experimental_ynn_fusion_type=`, XLA's
+    # own matmul kernels instead of YNNPACK's: 60 MiB less at that peak and 14-20% faster on the toy model and
+    # SD-1.5 at 256x256, but 45% slower on the tiny test model at 64x64.)
     "xla_cpu_enable_concurrency_optimized_scheduler": "false",
-    # matmuls as XLA's own kernels, not YNNPACK fusions: 14-20% faster sampling (toy model; SD-1.5 at 256x256),
-    # the same at SD-1.5 128x128, and YNNPACK's packed copies of the weights are not made
-    "xla_cpu_experimental_ynn_fusion_type": "",
 }
 TUNED_JAXLIB = ("0.10.",)
 

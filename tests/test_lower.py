@@ -186,8 +186,8 @@ def test_tune_cpu_compiler_adds_its_flags_unless_xla_flags_chooses(monkeypatch):
     assert os.environ["XLA_FLAGS"] == " ".join(["--xla_force_host_platform_device_count=8", *flags])
     mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
     monkeypatch.setenv("XLA_FLAGS", mine)
-    assert compilation.tune_cpu_compiler() == flags[1:], "the user's own choice wins"
-    assert os.environ["XLA_FLAGS"] == " ".join([mine, *flags[1:]])
+    assert compilation.tune_cpu_compiler() == [], "the user's own choice wins"
+    assert os.environ["XLA_FLAGS"] == mine
     monkeypatch.delenv("XLA_FLAGS")
     assert compilation.tune_cpu_compiler() == flags and os.environ["XLA_FLAGS"] == " ".join(flags)
     monkeypatch.delenv("XLA_FLAGS")
@@ -206,13 +206,13 @@ from sdjax.models.autoencoder_kl import AutoencoderKL
 vae, p = AutoencoderKL.from_pretrained(toy_model_path(), subfolder="vae", abstract=True, skip=AutoencoderKL.ENCODER)
 z = jax.ShapeDtypeStruct((1, vae.latent_channels, 16, 16), jnp.float32)
 compiled = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode)).lower(p, z).compile()
-print(compiled.memory_analysis().temp_size_in_bytes, compiled.as_text().count("__ynn"))
+print(compiled.memory_analysis().temp_size_in_bytes)
 """
 
 
 def test_tune_cpu_compiler_takes_effect_in_a_fresh_process():
-    """In a new process (as `sdjax` runs) XLA knows the flags and follows them: the toy VAE's decode keeps fewer
-    temporaries and has no YNNPACK fusions."""
+    """In a new process (as `sdjax` runs) XLA knows the flag and follows it: the toy VAE's decode keeps fewer
+    temporaries."""
     import os
     import subprocess
     import sys
@@ -221,7 +221,7 @@ def test_tune_cpu_compiler_takes_effect_in_a_fresh_process():
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         out = subprocess.run([sys.executable, "-c", TUNED_PROBE, how], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
-        return tuple(int(x) for x in out.stdout.split()[-2:])
+        return int(out.stdout.split()[-1])
 
     tuned, default = compiled("tuned"), compiled("default")
-    assert tuned[0] < default[0] and tuned[1] == 0 < default[1], (tuned, default)
+    assert tuned < default, (tuned, default)
