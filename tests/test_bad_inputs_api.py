@@ -3,18 +3,14 @@ WeightsError, ...) naming it, raised before anything is compiled; never a raw JA
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
-from sdjax import InputError, NonFiniteError, SdjaxError, WeightsError
-from sdjax.models.autoencoder_kl import AutoencoderKL
+from sdjax import InputError, NonFiniteError
 from sdjax.pipelines.engine import run_jit
 
 SIZE = 32

@@ -7,12 +7,10 @@ patched to sdjax's numbers, as in test_image_pipelines.py)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sdjax import ConfigError, InputError
-from sdjax.models import ControlNetModel
 from sdjax.pipelines import (FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionControlNetPipeline,
                              FlaxStableDiffusionPipeline)
 from sdjax.pipelines.controlnet import controlnet_keep, to_control_images

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from sdjax import convert
 from sdjax.errors import AdapterError, SdjaxError
 from sdjax.io import write_safetensors
-from sdjax.lora import LoraAdapter, fuse_lora, load_lora, merge_lora, save_lora, unfuse_lora
+from sdjax.lora import fuse_lora, load_lora, merge_lora, save_lora, unfuse_lora
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.models.unet_2d_condition import UNet2DConditionModel
 from sdjax.testing import TEXT, UNET, rel_err
@@ -485,7 +485,7 @@ def test_two_unet_loras_mixed_match_diffusers(lora_files, sdjax_unet, tiny_folde
     weights = [[0.7, -0.4, 1.3], [0.25, 1.0, 0.0]]
     refs = _diffusers_unet(tiny_folder, [(lora_files[n], n) for n in adapters], unet_inputs, weights)
     errs = [rel_err(run(adapters, dict(zip(adapters, w))), ref) for w, ref in zip(weights, refs)]
-    print(f"\n[a + kohya + b mixed] rel err: " + ", ".join(f"{e:.1e}" for e in errs))
+    print("\n[a + kohya + b mixed] rel err: " + ", ".join(f"{e:.1e}" for e in errs))
     assert max(errs) <= TOL
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sdjax import ConfigError, FlaxStableDiffusionPipeline, FlaxStableDiffusionUpscalePipeline, InputError, SdjaxError
+from sdjax import ConfigError, FlaxStableDiffusionPipeline, FlaxStableDiffusionUpscalePipeline, InputError
 from sdjax.testing import rel_err
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a red circle on the moon"]

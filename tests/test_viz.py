@@ -11,7 +11,6 @@ from PIL import Image
 
 from sdjax import SdjaxError
 from sdjax.cli import main
-from sdjax.pipelines import FlaxStableDiffusionPipeline
 from sdjax.trajectories import run_trajectories
 from sdjax.viz import choose_steps, decode, from_shard, render, run_live
 from sdjax.viz.animate import frame_size

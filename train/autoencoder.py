@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from pathlib import Path
 
 import flax.linen as nn
 import jax

@@ -28,7 +28,6 @@ import os
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from sdjax.assets import toy_classifier_path, toy_model_path
