@@ -24,7 +24,6 @@ def enable_compile_cache(cache_dir: str | os.PathLike) -> str:
     return cache_dir
 
 
-
 # XLA:CPU flags the `sdjax` command sets (`tune_cpu_compiler`), measured on jaxlib 0.10 (BENCHMARKS.md, "Host memory,
 # round 4"): flag -> why. XLA aborts the process on a flag it does not know, so they are set only for the jaxlib
 # versions they were measured on (TUNED_JAXLIB).

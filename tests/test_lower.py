@@ -165,6 +165,8 @@ def test_pipelines_that_encode_refuse_a_vae_without_its_encoder(tiny_folder, tin
     for cls in (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline):
         with pytest.raises(InputError, match=f"{cls.__name__} encodes images with the VAE: vae_encoder=False"):
             cls.from_pretrained(tiny_folder, vae_encoder=False)
+    with pytest.raises(InputError, match="`vae_encoder` must be True or False, got 'no'"):
+        FlaxStableDiffusionPipeline.from_pretrained(tiny_folder, vae_encoder="no")
     pipe, full = tiny_pipeline
     params = dict(full, vae={k: v for k, v in full["vae"].items() if k not in AutoencoderKL.ENCODER})
     img2img = FlaxStableDiffusionImg2ImgPipeline.from_pipe(pipe)

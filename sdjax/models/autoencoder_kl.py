@@ -61,11 +61,11 @@ class AutoencoderKL(nn.Module, FlaxModelMixin):
     _positive_keys: ClassVar[tuple] = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
                                        "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
                                        "latents_std")
-    # Old diffusers checkpoints (e.g. SD 1.5 on the hub, legacy Flax msgpack) name the VAE attention
-    # query/key/value/proj_attn; very old ones store them as 1x1 convs (the loader squeezes [O, I, 1, 1]).
     _optional_params: ClassVar[tuple] = ("quant_conv", "post_quant_conv")  # use_quant_conv / use_post_quant_conv
     # What only `encode` reads: `from_pretrained(..., skip=AutoencoderKL.ENCODER)` loads a VAE that decodes.
     ENCODER: ClassVar[tuple] = ("encoder", "quant_conv")
+    # Old diffusers checkpoints (e.g. SD 1.5 on the hub, legacy Flax msgpack) name the VAE attention
+    # query/key/value/proj_attn; very old ones store them as 1x1 convs (the loader squeezes [O, I, 1, 1]).
     _key_renames: ClassVar[tuple] = (
         (r"(attentions\.\d+)\.query\.", r"\1.to_q."),
         (r"(attentions\.\d+)\.key\.", r"\1.to_k."),

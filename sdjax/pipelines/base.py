@@ -56,6 +56,8 @@ class DiffusionPipeline(AdaptersMixin):
     @classmethod
     def vae_skip(cls, vae_encoder: bool) -> tuple[str, ...]:
         """What from_pretrained's `vae_encoder` leaves unread of the VAE (`AutoencoderKL.from_pretrained(skip=)`)."""
+        if not isinstance(vae_encoder, bool):
+            raise InputError(f"`vae_encoder` must be True or False, got {vae_encoder!r}")
         if vae_encoder:
             return ()
         if cls.encodes_images:
@@ -219,13 +221,14 @@ class DiffusionPipeline(AdaptersMixin):
         for name in self.param_components():
             if name not in params:
                 raise InputError(f"`params` has no {name!r} (it has: {', '.join(map(str, params))})")
-            expected = _param_shapes(getattr(self, name))
             got = params[name]
+            skip = ()
             if name == "vae" and isinstance(got, dict) and "encoder" not in got:  # from vae_encoder=False
                 if self.encodes_images:
                     raise InputError(f"`params['vae']` has no encoder (loaded with vae_encoder=False), and "
                                      f"{type(self).__name__} encodes images: load with vae_encoder=True (the default)")
-                expected = {k: v for k, v in expected.items() if k not in self.vae_skip(False)}
+                skip = self.vae_skip(False)
+            expected = _param_shapes(getattr(self, name), skip)
             want_leaves = jax.tree_util.tree_leaves_with_path(expected)
             try:
                 got_leaves = dict(jax.tree_util.tree_leaves_with_path(got))
@@ -331,8 +334,8 @@ class DiffusionPipeline(AdaptersMixin):
 
 
 @functools.lru_cache(maxsize=32)
-def _param_shapes(module):
-    return module.param_shapes()
+def _param_shapes(module, skip: tuple[str, ...] = ()):
+    return module.param_shapes(skip)
 
 
 def available_memory() -> int | None:
