@@ -26,6 +26,8 @@ def get_config():
         disc_weight=0.1,
         disc_learning_rate=2e-4,
         scale_images=2048,         # training images encoded to measure the latents' std (scaling_factor = 1/std)
+        crop_size=None,            # None: whole images (a size: random crops of it, fully convolutional VAEs only)
+        posterior_logvar_init=None,  # None: flax's init (log-variance 0 at first)
         # bookkeeping
         checkpoint_every=200,
         keep_checkpoints=2,

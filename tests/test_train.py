@@ -176,6 +176,23 @@ def test_tokenizer_is_clip_format(tmp_path):
 
 
 # ---------------------------------------------------------------------- config
+def test_random_crops_are_a_function_of_seed_and_step_on_the_latent_grid():
+    images = np.arange(5 * 8 * 8 * 3, dtype=np.int32).reshape(5, 8, 8, 3)
+    a = autoencoder.random_crops(images, 4, 2, seed=0, step=3)
+    assert a.shape == (5, 4, 4, 3)
+    np.testing.assert_array_equal(a, autoencoder.random_crops(images, 4, 2, seed=0, step=3))  # resumable
+    assert not np.array_equal(a, autoencoder.random_crops(images, 4, 2, seed=0, step=4))
+    for crop, image in zip(a, images):  # each crop is a window of its own image, at even offsets
+        y, x = np.argwhere(image[..., 0] == crop[0, 0, 0])[0]
+        assert y % 2 == 0 and x % 2 == 0
+        np.testing.assert_array_equal(crop, image[y:y + 4, x:x + 4])
+    assert autoencoder.random_crops(images, None, 2, 0, 0) is images
+    with pytest.raises(ConfigError, match="'crop_size' = 33: must be at most image_size"):
+        load_config(autoencoder.Config, "shapes_upscaler_autoencoder", ["crop_size=33"])
+    with pytest.raises(ConfigError, match="'crop_size' = 16: crops need a fully convolutional"):
+        load_config(autoencoder.Config, "shapes_autoencoder", ["crop_size=16"])
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'num_stepz'.*did you mean 'num_steps'"):
         load_config(autoencoder.Config, ROOT / "configs" / "shapes_autoencoder.py", ["num_stepz=3"])
@@ -187,6 +204,12 @@ def test_config_errors(tmp_path):
         load_config(ldm.Config, cfg_file)
     # the shipped configs are valid
     load_config(autoencoder.Config, ROOT / "configs" / "shapes_autoencoder.py")
+    # --set values: Python literals, or JSON (true / false / null), or else a bare string
+    cfg = load_config(autoencoder.Config, "shapes_upscaler_autoencoder",
+                      ['vae={"block_out_channels": [8, 16], "mid_block_add_attention": false}', "disc_start=null",
+                       "dataset=folder:/tmp/x"])
+    assert cfg.vae["mid_block_add_attention"] is False and cfg.vae["block_out_channels"] == [8, 16]
+    assert cfg.disc_start is None and cfg.dataset == "folder:/tmp/x"
     load_config(ldm.Config, ROOT / "configs" / "shapes_ldm.py")
 
 

@@ -4,6 +4,8 @@
 
 Loss: L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) (both per image element, see `losses`),
 plus, when disc_start is set, a hinge-loss patch discriminator switched on after disc_start steps.
+A fully convolutional autoencoder (no mid-block attention) can train on random crops (crop_size) and run on
+whole images.
 The downsampling factor f = 2 ** (number of blocks - 1). After training, the latents' scaling factor
 (1 / std of the latents over training images, as the paper does) is written into the VAE's config
 and the VAE is saved in diffusers format to <workdir>/vae. Killed, the same command resumes.
@@ -51,17 +53,27 @@ class Config(LoopConfig):
     disc_weight: float
     disc_learning_rate: float
     scale_images: int  # training images encoded to measure the latents' std
+    crop_size: int | None  # train on random crops of this size (fully convolutional); None: whole images
+    posterior_logvar_init: float | None  # the posterior's initial log-variance (quant_conv's bias); None: 0
 
     def validate(self) -> None:
         super().validate()
         AutoencoderKL.check_config_dict(self.vae, "config key 'vae'",
                                         filled=("down_block_types", "up_block_types", "sample_size", "scaling_factor"))
-        check_ranges(self, at_least_one=("image_size", "num_eval_images", "scale_images", "num_train_images"),
+        check_ranges(self, at_least_one=("image_size", "num_eval_images", "scale_images", "num_train_images",
+                                         "crop_size"),
                      non_negative=("weight_decay", "kl_weight", "disc_weight", "disc_start"),
                      positive=("disc_learning_rate",))
         if self.num_train_images is not None and self.num_train_images < self.batch_size:
             raise ConfigError(f"config key 'num_train_images' = {self.num_train_images}: fewer than one batch "
                               f"(batch_size {self.batch_size})")
+        f = 2 ** (len(self.vae["block_out_channels"]) - 1)
+        if self.crop_size is not None and (self.crop_size > self.image_size or self.crop_size % f):
+            raise ConfigError(f"config key 'crop_size' = {self.crop_size}: must be at most image_size "
+                              f"({self.image_size}) and a multiple of the autoencoder's factor {f}")
+        if self.crop_size is not None and self.vae.get("mid_block_add_attention", True):
+            raise ConfigError(f"config key 'crop_size' = {self.crop_size}: crops need a fully convolutional "
+                              "autoencoder (vae.mid_block_add_attention = false): attention sees the whole image")
 
 
 def make_vae(cfg: Config, scaling_factor: float = 1.0) -> AutoencoderKL:
@@ -95,6 +107,9 @@ def make_optimizer(lr, warmup, total, weight_decay):
 def create_train_state(cfg: Config, vae: AutoencoderKL):
     key = jax.random.PRNGKey(cfg.seed)
     params = vae.init_weights(key)
+    if cfg.posterior_logvar_init is not None:  # a near-deterministic posterior from the start: less noise to unlearn
+        bias = params["quant_conv"]["bias"]
+        params["quant_conv"]["bias"] = bias.at[vae.latent_channels:].set(cfg.posterior_logvar_init)
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": make_optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.num_steps, cfg.weight_decay).init(params)}
     if cfg.disc_start is not None:
@@ -179,6 +194,21 @@ def latent_std(vae, params, images_uint8, seed: int, batch_size: int = 128) -> f
     return float(np.std(np.concatenate(zs)))
 
 
+def random_crops(images: np.ndarray, size: int | None, factor: int, seed: int, step: int) -> np.ndarray:
+    """[N, H, W, C] -> [N, size, size, C], each image's own window, at multiples of `factor` (the autoencoder's
+    downsampling grid, as whole images are seen at inference); a function of (seed, step), so a resumed run sees
+    the same crops. size None: the images unchanged."""
+    if size is None or size == images.shape[1]:
+        return images
+    n, h, w = images.shape[:3]
+    rng = np.random.default_rng([seed, step])
+    oy = rng.integers(0, (h - size) // factor + 1, n) * factor
+    ox = rng.integers(0, (w - size) // factor + 1, n) * factor
+    rows = oy[:, None] + np.arange(size)
+    cols = ox[:, None] + np.arange(size)
+    return images[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, progress: bool = True,
                        final_save: bool = True) -> dict:
     """Train (resuming from workdir's last checkpoint), then write vae/ and summary.json.
@@ -197,7 +227,8 @@ def train_and_evaluate(cfg: Config, workdir, until_step: int | None = None, prog
 
     def make_batch(step):
         idx = data_lib.batch_indices(len(train_ds), cfg.batch_size, cfg.data_seed, step)
-        return parallel.shard_batch(data_lib.to_model_input(train_ds.images[idx]), mesh)
+        images = random_crops(train_ds.images[idx], cfg.crop_size, vae.vae_scale_factor, cfg.data_seed, step)
+        return parallel.shard_batch(data_lib.to_model_input(images), mesh)
 
     step = Step(train_step, mesh, cfg, vae)
     state, summary = run_steps(cfg, state, start, step, make_batch, ckpt, log, desc="autoencoder",

@@ -73,7 +73,10 @@ def parse_overrides(items) -> dict:
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw  # a bare string
+            try:
+                value = json.loads(raw)  # JSON's true / false / null, as in '{"add_attention": false}'
+            except ValueError:
+                value = raw  # a bare string
         *parents, leaf = key.strip().split(".")
         d = out
         for p in parents:
