@@ -20,6 +20,8 @@ _JSON_NAMES = {bool: "true/false", int: "int", float: "number", str: "string", d
 def json_type(value) -> str:
     if isinstance(value, (list, tuple)):
         return "list"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "non-finite number"
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 

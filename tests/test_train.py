@@ -210,6 +210,8 @@ def test_config_errors(tmp_path):
                        "dataset=folder:/tmp/x"])
     assert cfg.vae["mid_block_add_attention"] is False and cfg.vae["block_out_channels"] == [8, 16]
     assert cfg.disc_start is None and cfg.dataset == "folder:/tmp/x"
+    with pytest.raises(ConfigError, match="'kl_weight' = nan .*expected number, got non-finite number"):
+        load_config(autoencoder.Config, "shapes_upscaler_autoencoder", ["kl_weight=NaN"])  # JSON's NaN
     load_config(ldm.Config, ROOT / "configs" / "shapes_ldm.py")
 
 

@@ -67,11 +67,15 @@ class Config(LoopConfig):
         if self.num_train_images is not None and self.num_train_images < self.batch_size:
             raise ConfigError(f"config key 'num_train_images' = {self.num_train_images}: fewer than one batch "
                               f"(batch_size {self.batch_size})")
-        f = 2 ** (len(self.vae["block_out_channels"]) - 1)
-        if self.crop_size is not None and (self.crop_size > self.image_size or self.crop_size % f):
+        if self.crop_size is not None:
+            self._check_crop_size(make_vae(self))
+
+    def _check_crop_size(self, vae: AutoencoderKL) -> None:
+        f = vae.vae_scale_factor
+        if self.crop_size > self.image_size or self.crop_size % f:
             raise ConfigError(f"config key 'crop_size' = {self.crop_size}: must be at most image_size "
                               f"({self.image_size}) and a multiple of the autoencoder's factor {f}")
-        if self.crop_size is not None and self.vae.get("mid_block_add_attention", True):
+        if vae.mid_block_add_attention:
             raise ConfigError(f"config key 'crop_size' = {self.crop_size}: crops need a fully convolutional "
                               "autoencoder (vae.mid_block_add_attention = false): attention sees the whole image")
 

@@ -74,7 +74,7 @@ def parse_overrides(items) -> dict:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             try:
-                value = json.loads(raw)  # JSON's true / false / null, as in '{"add_attention": false}'
+                value = json.loads(raw)  # JSON's true / false / null, as in '{"mid_block_add_attention": false}'
             except ValueError:
                 value = raw  # a bare string
         *parents, leaf = key.strip().split(".")
