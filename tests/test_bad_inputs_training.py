@@ -33,6 +33,12 @@ def test_train_arguments(capsys, home):
     run_cli(capsys, base + ["--set", "unet.layers_per_blok=2"], home, "did you mean 'layers_per_block'")
     run_cli(capsys, base + ["--set", "unet.block_out_channels=None"], home, "'block_out_channels' = None")
     run_cli(capsys, base + ["--set", "unet=[1, 2]"], home, "'unet' = [1, 2]")
+    # every --set applies (the last one alone did: this started a run with batch_size 32), each key once
+    run_cli(capsys, base + ["--set", "batch_size=0", "--set", "num_steps=10"], home, "'batch_size' = 0: must be >= 1")
+    run_cli(capsys, base + ["--set", "num_steps=10", "--set", "num_steps=20"], home,
+            "override 'num_steps=20': 'num_steps' is already set by another override; set each key once")
+    run_cli(capsys, base + ["--set", "unet.layers_per_block=2", "unet={'layers_per_block': 1}"], home,
+            "'unet' is already set by another override")
     run_cli(capsys, base + ["--until-step", "0"], home, "argument --until-step")
     run_cli(capsys, ["train", "autoencoder", "--workdir", wd, "--set", "vae.latent_channels=0"], home,
             "'latent_channels' = 0 in config key 'vae': must be > 0")

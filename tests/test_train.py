@@ -212,6 +212,15 @@ def test_config_errors(tmp_path):
     assert cfg.disc_start is None and cfg.dataset == "folder:/tmp/x"
     with pytest.raises(ConfigError, match="'kl_weight' = nan .*expected number, got non-finite number"):
         load_config(autoencoder.Config, "shapes_upscaler_autoencoder", ["kl_weight=NaN"])  # JSON's NaN
+    # --set repeats and takes several KEY=VALUE each: all of them reach the config
+    from sdjax.cli import build_parser
+
+    args = build_parser().parse_args(["train", "autoencoder", "--workdir", "w", "--set", "crop_size=16",
+                                      "num_steps=7", "--set", "vae.latent_channels=2", "--set", "dataset=folder:x"])
+    cfg = load_config(autoencoder.Config, "shapes_upscaler_autoencoder", args.set)
+    assert (cfg.crop_size, cfg.num_steps, cfg.vae["latent_channels"], cfg.dataset) == (16, 7, 2, "folder:x")
+    assert cfg.vae["block_out_channels"] == load_config(autoencoder.Config, "shapes_upscaler_autoencoder").vae[
+        "block_out_channels"]  # a dotted key changes that key only
     load_config(ldm.Config, ROOT / "configs" / "shapes_ldm.py")
 
 

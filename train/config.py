@@ -70,6 +70,7 @@ def parse_overrides(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -77,10 +78,15 @@ def parse_overrides(items) -> dict:
                 value = json.loads(raw)  # JSON's true / false / null, as in '{"mid_block_add_attention": false}'
             except ValueError:
                 value = raw  # a bare string
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         d = out
-        for p in parents:
+        for i, p in enumerate(parents):
             d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"override {item!r}: another override sets {'.'.join(parents[:i + 1])!r} to "
+                                  f"{d!r}, not a dict")
+        if leaf in d:  # the same key twice, or a dict's key both inside a dict value and on its own
+            raise ConfigError(f"override {item!r}: {key!r} is already set by another override; set each key once")
         d[leaf] = value
     return out
 

@@ -107,7 +107,7 @@ def sampling_scheduler_config(cfg: Config) -> dict:
 def load_autoencoder(autoencoder_dir) -> tuple[AutoencoderKL, dict]:
     folder = Path(autoencoder_dir) / "vae"
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"no trained autoencoder in {folder}: run stage 1 (python -m train.autoencoder) first, "
+        raise ConfigError(f"no trained autoencoder in {folder}: run stage 1 (sdjax train autoencoder) first, "
                           f"or set autoencoder_dir")
     return AutoencoderKL.from_pretrained(folder)
 

@@ -43,8 +43,9 @@ def add_commands(sub) -> None:
                        help=f"a shipped config's name or a .py file with get_config() (default: {default_config})")
         s.add_argument("--workdir", required=True,
                        help="checkpoints, metrics, outputs (an existing workdir is resumed)")
-        s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="override config keys, e.g. num_steps=200 'unet={\"layers_per_block\": 2}'")
+        s.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override config keys, e.g. num_steps=200 'unet={\"layers_per_block\": 2}' "
+                            "(repeatable: every --set's keys apply)")
         s.add_argument("--until-step", type=positive_int, default=None,
                        help="stop at this step (checkpointed); rerun to go on")
         add_distributed_args(s)
