@@ -199,3 +199,34 @@ def test_pivotal_token_trains_and_loads_in_sdjax_and_diffusers(trained):
     errs = rel_err(got_ctx, want_ctx), rel_err(got, want)
     print(f"\n[trained token + LoRA in diffusers vs sdjax] rel err text {errs[0]:.1e}, UNet {errs[1]:.1e}")
     assert max(errs) <= 1e-5
+
+
+@pytest.mark.slow
+def test_lora_evaluation_runs_end_to_end(tmp_path):
+    """evaluate_lora (the concept's prompts, the old prompts with and without the adapter, the autoencoder's
+    reconstructions of real concept images): every figure present and in range, its pictures written. Untrained
+    classifiers are cached in its classifier folder first (training the real ones takes minutes), so the figures
+    check the plumbing, not the model."""
+    from flax import serialization
+
+    from sdjax.train import data
+    from sdjax.train import evaluate as ev
+    from sdjax.train import lora
+
+    classifiers = tmp_path / "classifiers"
+    classifiers.mkdir()
+    for extra in ((), ("orange",)):
+        clf = ev.ShapesClassifier(*ev.class_counts(extra)).init(jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3)))
+        name = "classifier_32" + "".join(f"+{n}" for n in extra) + ".msgpack"
+        (classifiers / name).write_bytes(serialization.to_bytes(clf["params"]))
+    cfg = config("token_init=[]", "eval_per_caption=1", "eval_steps=2")
+    summary = lora.train_and_evaluate(cfg, tmp_path / "run", progress=False, classifier_dir=classifiers)
+    e = summary["evaluation"]
+    assert e["concept"] == "orange" and e["concept_images"] == len(data.SHAPES) * len(data.BACKGROUNDS)
+    assert set(e["vae_reconstructions_by_background"]) == set(data.BACKGROUND_NAMES)
+    figures = [e["concept_produced"], e["vae_reconstructions"], *e["concept_produced_by_background"].values(),
+               *e["old_prompts_with_lora"].values(), *e["old_prompts_base"].values()]
+    assert all(0.0 <= f <= 1.0 for f in figures), figures
+    assert set(e["old_prompts_change_points"]) == {"color", "shape", "background"}
+    for name in ("samples_orange.png", "samples_old_prompts_with_lora.png", "samples_old_prompts_base.png"):
+        assert (tmp_path / "run" / name).is_file(), name

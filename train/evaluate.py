@@ -199,6 +199,10 @@ def generate(pipe, params, captions, seed=0, guidance=5.0, steps=25, batch_size=
 
 
 def save_grid(images, path, cols=18):
+    """Full rows of `cols` images (one row of all of them when fewer)."""
+    if not len(images):
+        raise ValueError(f"no images to save in {path}")
+    cols = min(cols, len(images))
     n = len(images) // cols * cols
     rows = [np.concatenate(list(images[r * cols:(r + 1) * cols]), axis=1) for r in range(n // cols)]
     write_png(path, np.concatenate(rows, axis=0))
@@ -418,7 +422,7 @@ def evaluate_controlnet(model_path, controlnet_path, classifier_dir="runs/shapes
                       "adherence": accuracies(preds, labels), "fd_vs_real": frechet_distance(feats, real_feats),
                       "controlnet_conditioning_scale": s, "seconds": seconds}
     # the ceiling: the real images through the frozen VAE (encode, posterior mean, decode), all a ControlNet steers
-    recon = vae_reconstructions(pipe, params["vae"], real)
+    recon = vae_reconstructions(pipe.vae, params["vae"], real)
     iou = mask_iou(shape_masks(recon, labels), silhouettes)
     result["vae_reconstruction"] = {
         "median_iou": float(np.median(iou)), "adherence": accuracies(predict(clf, recon)[1], labels),
@@ -444,10 +448,10 @@ def _reconstruct(vae, vae_params, x):
                      method=vae.decode)
 
 
-def vae_reconstructions(pipe, vae_params, images_uint8) -> np.ndarray:
-    """images [N, H, W, 3] uint8 -> the VAE's reconstructions (posterior mean decoded), uint8."""
+def vae_reconstructions(vae, vae_params, images_uint8) -> np.ndarray:
+    """images [N, H, W, 3] uint8 -> an AutoencoderKL's reconstructions (posterior mean decoded), uint8."""
     x = jnp.asarray(images_uint8.transpose(0, 3, 1, 2), jnp.float32) / 127.5 - 1.0
-    out = _reconstruct(pipe.vae, vae_params, x)
+    out = _reconstruct(vae, vae_params, x)
     out = np.asarray(getattr(out, "sample", out))
     return np.round(np.clip((out + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 

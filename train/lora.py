@@ -338,7 +338,7 @@ def evaluate_lora(pipe, params, adapter: LoraAdapter, cfg: Config, classifier_di
     # How the frozen autoencoder carries the concept: real concept images, encoded and decoded, read the same way
     # (averaged over backgrounds, as the prompts are). Not a hard ceiling: sampled latents need not be encodings.
     real = data_lib.concept_dataset(cfg.concept, 360, seed=cfg.data_seed + 1, image_size=size)
-    _, rec = eval_lib.predict(clf_new, eval_lib.vae_reconstructions(pipe, params["vae"], real.images))
+    _, rec = eval_lib.predict(clf_new, eval_lib.vae_reconstructions(pipe.vae, params["vae"], real.images))
     result["vae_reconstructions_by_background"] = _by_background(rec[head], real.labels, i)
     result["vae_reconstructions"] = float(np.mean(list(result["vae_reconstructions_by_background"].values())))
     eval_lib.save_grid(gen[:18 * 2], Path(out_dir) / f"samples_{cfg.concept}.png", cols=18)
