@@ -7,7 +7,7 @@ Every key of `sdjax.train.autoencoder.Config` is here: configs are the only plac
 def get_config():
     return dict(
         # data
-        dataset="shapes",          # "shapes" | "folder:PATH" | "hf:NAME"
+        dataset="shapes",          # "shapes" | "shapes-anycolor" | "folder:PATH" | "hf:NAME"
         image_size=32,
         num_train_images=12000,
         num_eval_images=256,

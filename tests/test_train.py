@@ -84,6 +84,36 @@ def test_shapes_dataset_is_deterministic():
     assert sorted(epoch) == list(range(40))
 
 
+def test_shapes_anycolor_recolours_half_of_the_shapes_images():
+    """"shapes-anycolor" image i is shapes image i (same seed), its shape in a random RGB colour half of the time;
+    deterministic in (seed, i); the generated datasets' train and held-out images are disjoint."""
+    import re
+
+    base, ds = data.shapes_dataset(200, seed=2), data.shapes_anycolor_dataset(200, seed=2)
+    np.testing.assert_array_equal(data.shapes_anycolor_dataset(50, seed=2).images, ds.images[:50])
+    assert ds.labels is None and ds.images.shape == (200, 32, 32, 3)
+    recoloured = np.array([c.startswith("a #") for c in ds.captions])
+    assert 0.35 < recoloured.mean() < 0.65, recoloured.mean()
+    for i, (img, ref, caption, new, (c, s, bg)) in enumerate(zip(ds.images, base.images, ds.captions, recoloured,
+                                                                  base.labels)):
+        if not new:  # the shapes image itself
+            np.testing.assert_array_equal(img, ref)
+            assert caption == data.caption_for(c, s, bg)
+            continue
+        m = re.fullmatch(r"a #([0-9a-f]{6}) (\w+) on a (\w+) background", caption)
+        assert m and (m[2], m[3]) == (data.SHAPES[s], data.BACKGROUND_NAMES[bg]), caption
+        rgb = np.array([int(m[1][i:i + 2], 16) for i in (0, 2, 4)])
+        g = data.shape_geometry(2, i, 32)
+        inside = data.render_silhouette(s, g.center, g.radius, 32) == 255  # fully covered pixels
+        assert np.abs(img[inside].astype(int) - rgb).max() <= 1  # the caption's colour (anti-aliasing aside)
+        background = (img == ref).all(-1) & ~inside
+        assert background.mean() > 0.3  # the rest is the shapes image's background, unchanged
+    train, held = data.train_and_eval("shapes-anycolor", 20, 10, 32, seed=2)
+    np.testing.assert_array_equal(train.images, ds.images[:20])
+    assert not {im.tobytes() for im in train.images} & {im.tobytes() for im in held.images}
+    np.testing.assert_array_equal(data.load_dataset("shapes-anycolor", 3, 32, seed=2).images, ds.images[:3])
+
+
 def test_concept_datasets_replace_one_attribute_of_the_shapes_images():
     """LoRA concepts: image i of concept_dataset is shapes image i with its colour ("orange") or shape ("star")
     replaced; everything else (the other labels, position, size) is the same."""

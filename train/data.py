@@ -8,6 +8,8 @@
 "shapes": one circle, square or triangle in one of six colors on a white, black or gray background,
 random size and position; caption "a {color} {shape} on a {background} background". Image i depends
 only on (seed, i), so the first n images are the same whatever n is.
+"shapes-anycolor": the same images, but half of the shapes (drawn from (seed, i) too) in a uniform random RGB
+colour: data for an autoencoder that must carry colours the text-to-image model never names (a LoRA's new colour).
 
 Batches are derived from (seed, step) (`batch_indices`), so a resumed run sees the same data order.
 """
@@ -100,10 +102,12 @@ def _star_mask(dx, dy, outer: float, inner: float):
     return (bx - ax) * (py - ay) - (by - ay) * (px - ax) >= 0
 
 
-def render_shape(color: int, shape: int, background: int, center, radius: float, image_size: int) -> np.ndarray:
-    """One image [H, W, 3] uint8. `center` (x, y) and `radius` in pixels; the shape fits in the circle of that radius."""
+def render_shape(color, shape: int, background: int, center, radius: float, image_size: int) -> np.ndarray:
+    """One image [H, W, 3] uint8. `center` (x, y) and `radius` in pixels; the shape fits in the circle of that radius.
+    color: an ALL_COLOR_NAMES index, or an RGB triple in [0, 1]."""
     mask = _shape_mask(shape, center, radius, image_size)
-    fg, bg = np.array(ALL_COLORS[ALL_COLOR_NAMES[color]]), np.array(BACKGROUNDS[BACKGROUND_NAMES[background]])
+    fg = np.array(ALL_COLORS[ALL_COLOR_NAMES[color]] if np.ndim(color) == 0 else color, np.float64)
+    bg = np.array(BACKGROUNDS[BACKGROUND_NAMES[background]])
     img = np.where(mask[..., None], fg, bg)
     img = img.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.round(img * 255).astype(np.uint8)
@@ -153,6 +157,36 @@ def shapes_example(seed: int, index: int, image_size: int = 32, shape: int | Non
     if color is not None:
         g = dataclasses.replace(g, color=int(color))
     return render_shape(g.color, g.shape, g.background, g.center, g.radius, image_size), g.labels
+
+
+ANYCOLOR_SHARE = 0.5  # "shapes-anycolor": the share of shapes drawn in a random RGB colour
+
+
+def shapes_anycolor_example(seed: int, index: int, image_size: int = 32):
+    """(image, caption) of "shapes-anycolor" image `index`: shapes image `index`, its shape in a uniform random RGB
+    colour with probability ANYCOLOR_SHARE (from its own stream of (seed, index)), captioned with the colour's hex."""
+    g = shape_geometry(seed, index, image_size)
+    rng = np.random.default_rng([seed, index, 1])  # [seed, index] is the geometry's stream
+    if rng.random() >= ANYCOLOR_SHARE:
+        return render_shape(g.color, g.shape, g.background, g.center, g.radius, image_size), caption_for(*g.labels)
+    rgb = rng.random(3)
+    image = render_shape(rgb, g.shape, g.background, g.center, g.radius, image_size)
+    hex_color = "#" + "".join(f"{round(255 * v):02x}" for v in rgb)
+    return image, f"a {hex_color} {ALL_SHAPES[g.shape]} on a {BACKGROUND_NAMES[g.background]} background"
+
+
+@functools.lru_cache(maxsize=2)
+def shapes_anycolor_dataset(n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:
+    """Images start .. start+n-1 of "shapes-anycolor" (no labels: half its colours have no name)."""
+    if image_size not in (32, 64):
+        raise DataError(f"shapes-anycolor: image_size must be 32 or 64, got {image_size}")
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    captions = []
+    for i in range(n):
+        images[i], caption = shapes_anycolor_example(seed, start + i, image_size)
+        captions.append(caption)
+    images.setflags(write=False)  # shared by the cache
+    return ImageDataset(images, captions)
 
 
 def shapes_silhouette_example(seed: int, index: int, image_size: int = 32):
@@ -274,22 +308,25 @@ def hf_dataset(name: str, image_size: int = 32, n: int | None = None, split: str
 
 
 def load_dataset(name: str, n: int | None, image_size: int, seed: int = 0, held_out: bool = False) -> ImageDataset:
-    """"shapes" | "folder:PATH" | "hf:NAME". held_out: shapes' evaluation images (disjoint indices);
-    for other datasets the caller splits off the last images."""
-    if name == "shapes":
+    """"shapes" | "shapes-anycolor" | "folder:PATH" | "hf:NAME". held_out: the generated datasets' evaluation
+    images (disjoint indices); for other datasets the caller splits off the last images."""
+    if name in GENERATED:
         if n is None:
-            raise DataError("shapes: the number of images must be given")
-        return shapes_dataset(n, seed, image_size, start=HELD_OUT_START if held_out else 0)
+            raise DataError(f"{name}: the number of images must be given")
+        return GENERATED[name](n, seed, image_size, start=HELD_OUT_START if held_out else 0)
     if name.startswith("folder:"):
         return image_folder_dataset(name[len("folder:"):], image_size, n)
     if name.startswith("hf:"):
         return hf_dataset(name[len("hf:"):], image_size, n)
-    raise DataError(f"unknown dataset {name!r}: use 'shapes', 'folder:PATH' or 'hf:NAME'")
+    raise DataError(f"unknown dataset {name!r}: use 'shapes', 'shapes-anycolor', 'folder:PATH' or 'hf:NAME'")
+
+
+GENERATED = {"shapes": shapes_dataset, "shapes-anycolor": shapes_anycolor_dataset}  # built in, no download
 
 
 def train_and_eval(name: str, n_train: int | None, n_eval: int, image_size: int, seed: int):
-    """(train, eval) datasets. Shapes: disjoint generated sets; others: the last n_eval images are held out."""
-    if name == "shapes":
+    """(train, eval) datasets. Generated ones: disjoint sets; others: the last n_eval images are held out."""
+    if name in GENERATED:
         return (load_dataset(name, n_train, image_size, seed),
                 load_dataset(name, n_eval, image_size, seed, held_out=True))
     ds = load_dataset(name, None if n_train is None else n_train + n_eval, image_size, seed)
