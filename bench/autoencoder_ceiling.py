@@ -19,6 +19,9 @@ import argparse
 
 import numpy as np
 
+from sdjax.cli.args import positive_int
+from sdjax.errors import SdjaxError
+
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     err = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
@@ -28,10 +31,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("vae", nargs="+", help="AutoencoderKL folders (a pipeline's vae/, a workdir's vae/)")
-    p.add_argument("--per-caption", type=int, default=6,
+    p.add_argument("--per-caption", type=positive_int, default=6,
                    help="held-out images of each of the 54 captions (default 6: 324 images)")
     p.add_argument("--concept", default="orange", help="a new colour (default: orange)")
-    p.add_argument("--concept-images", type=int, default=360, help="images of the concept (default: 360)")
+    p.add_argument("--concept-images", type=positive_int, default=360, help="images of the concept (default: 360)")
     p.add_argument("--classifier-dir", default="runs/shapes_classifier",
                    help="the evaluation classifier's cache (default: runs/shapes_classifier)")
     p.add_argument("--out", default=None, help="PNG: rows real, then each VAE's reconstructions (3x)")
@@ -55,7 +58,10 @@ def main(argv=None) -> list[dict]:
         if name == "real images":
             recon, recon_concept = real, concept.images
         else:
-            vae, params = AutoencoderKL.from_pretrained(name)
+            try:
+                vae, params = AutoencoderKL.from_pretrained(name)
+            except SdjaxError as e:
+                p.error(f"{name}: {e}")
             recon = ev.vae_reconstructions(vae, params, real)
             recon_concept = ev.vae_reconstructions(vae, params, concept.images)
             pictures.append(np.concatenate([recon[:18], recon_concept[:18]]))

@@ -178,14 +178,8 @@ def shapes_anycolor_example(seed: int, index: int, image_size: int = 32):
 @functools.lru_cache(maxsize=2)
 def shapes_anycolor_dataset(n: int, seed: int = 0, image_size: int = 32, start: int = 0) -> ImageDataset:
     """Images start .. start+n-1 of "shapes-anycolor" (no labels: half its colours have no name)."""
-    if image_size not in (32, 64):
-        raise DataError(f"shapes-anycolor: image_size must be 32 or 64, got {image_size}")
-    images = np.empty((n, image_size, image_size, 3), np.uint8)
-    captions = []
-    for i in range(n):
-        images[i], caption = shapes_anycolor_example(seed, start + i, image_size)
-        captions.append(caption)
-    images.setflags(write=False)  # shared by the cache
+    images, captions = _render_all("shapes-anycolor", n, image_size,
+                                   lambda i: shapes_anycolor_example(seed, start + i, image_size))
     return ImageDataset(images, captions)
 
 
@@ -217,14 +211,24 @@ def concept_dataset(concept: str, n: int, seed: int = 0, image_size: int = 32, s
 @functools.lru_cache(maxsize=4)
 def _shapes_dataset(n: int, seed: int, image_size: int, start: int, shape: int | None = None,
                     color: int | None = None) -> ImageDataset:
-    if image_size not in (32, 64):
-        raise DataError(f"shapes: image_size must be 32 or 64, got {image_size}")
-    images = np.empty((n, image_size, image_size, 3), np.uint8)
-    labels = np.empty((n, 3), np.int32)
-    for i in range(n):
-        images[i], labels[i] = shapes_example(seed, start + i, image_size, shape, color)
-    images.setflags(write=False)  # shared by the cache
+    images, labels = _render_all("shapes", n, image_size,
+                                 lambda i: shapes_example(seed, start + i, image_size, shape, color))
+    labels = np.array(labels, np.int32).reshape(n, 3)
     return ImageDataset(images, [caption_for(*l) for l in labels], labels)
+
+
+def _render_all(name: str, n: int, image_size: int, example) -> tuple[np.ndarray, list]:
+    """A generated dataset's images [n, S, S, 3] uint8 (read-only: the caches share them) and the second item of
+    each example(i) (labels, captions), i = 0 .. n-1."""
+    if image_size not in (32, 64):
+        raise DataError(f"{name}: image_size must be 32 or 64, got {image_size}")
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    rest = []
+    for i in range(n):
+        images[i], item = example(i)
+        rest.append(item)
+    images.setflags(write=False)
+    return images, rest
 
 
 def load_image(path: Path, image_size: int) -> np.ndarray:
@@ -307,6 +311,9 @@ def hf_dataset(name: str, image_size: int = 32, n: int | None = None, split: str
     return ImageDataset(np.stack(images), captions)
 
 
+GENERATED = {"shapes": shapes_dataset, "shapes-anycolor": shapes_anycolor_dataset}  # built in, no download
+
+
 def load_dataset(name: str, n: int | None, image_size: int, seed: int = 0, held_out: bool = False) -> ImageDataset:
     """"shapes" | "shapes-anycolor" | "folder:PATH" | "hf:NAME". held_out: the generated datasets' evaluation
     images (disjoint indices); for other datasets the caller splits off the last images."""
@@ -319,9 +326,6 @@ def load_dataset(name: str, n: int | None, image_size: int, seed: int = 0, held_
     if name.startswith("hf:"):
         return hf_dataset(name[len("hf:"):], image_size, n)
     raise DataError(f"unknown dataset {name!r}: use 'shapes', 'shapes-anycolor', 'folder:PATH' or 'hf:NAME'")
-
-
-GENERATED = {"shapes": shapes_dataset, "shapes-anycolor": shapes_anycolor_dataset}  # built in, no download
 
 
 def train_and_eval(name: str, n_train: int | None, n_eval: int, image_size: int, seed: int):
