@@ -16,6 +16,7 @@ the concept).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +41,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="PNG: rows real, then each VAE's reconstructions (3x)")
     p.add_argument("--json", default=None, help="write the rows here too")
     args = p.parse_args(argv)
+    # checked before minutes of work: a folder where a file goes, or a file where a folder goes, named now
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path is not None and (Path(path).is_dir() or not Path(path).parent.is_dir()):
+            p.error(f"{flag} {path}: a file path in an existing folder is expected")
+    if Path(args.classifier_dir).exists() and not Path(args.classifier_dir).is_dir():
+        p.error(f"--classifier-dir {args.classifier_dir}: a folder is expected (it is a file)")
 
     from sdjax.io import write_json, write_png
     from sdjax.models.autoencoder_kl import AutoencoderKL
