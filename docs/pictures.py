@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 import sdjax
 from sdjax.assets import toy_model_path
 from sdjax.compilation import tune_cpu_compiler
+from sdjax.errors import SdjaxError
 from sdjax.images import load_image
-from sdjax.io import atomic_write, to_uint8, write_json
+from sdjax.io import atomic_write, check_output_dir, to_uint8, write_json
 from sdjax.pipelines.image_to_image import combine_latents
 from sdjax.seeds import initial_noise, loop_key, sample_seeds
 
@@ -42,6 +43,7 @@ INPAINT = {"prompt": "a red square on a gray background", "strength": 1.0}  # `s
 MERGE_ROWS = [("linear", 0.5), ("linear", 0.7), ("slerp", 0.5), ("slerp", 0.7)]  # (interpolation, strength)
 SERIES = 7  # --series 7: weight of image B 0, 1/6, ..., 1
 NORM_WEIGHTS = (0.25, 0.5)
+OUTPUTS = ("edits.png", "merging.png", "merging_norms.json")  # what --out receives
 
 
 # ---------------------------------------------------------------------------------------------- running the model
@@ -198,17 +200,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example, the table only:\n  python docs/pictures.py --out /tmp/pics --only norms")
-    parser.add_argument("--out", required=True, type=Path, help="folder for edits.png, merging.png and "
-                                                                "merging_norms.json (created if missing)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for edits.png, merging.png and merging_norms.json (created if missing; a "
+                             "non-empty folder must already hold them, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder anyway")
     parser.add_argument("--only", choices=("edits", "merging", "norms"), action="append",
                         help="make only this (repeatable; default: all three)")
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file, not a folder")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out {args.out}: cannot create the folder ({e.strerror})")
+    try:  # the CLI's own output check: a file, an unwritable folder, or someone else's non-empty folder is refused
+        check_output_dir(args.out, "docs/pictures.py", overwrite=args.overwrite, own_files=OUTPUTS)
+    except SdjaxError as e:
+        parser.error(f"--out: {e}")
     for name in ("triangle.png", "circle.png", "mask.png"):
         if not (INPUTS / name).is_file():
             parser.error(f"the input picture {INPUTS / name} is missing (run from a checkout of sdjax)")
@@ -219,7 +221,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     tune_cpu_compiler()  # the XLA:CPU flags the `sdjax` command sets, before JAX starts: the CLI's numbers
-    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     triangle, circle = load_image(INPUTS / "triangle.png"), load_image(INPUTS / "circle.png")
     mask = load_image(INPUTS / "mask.png", mode="L")
